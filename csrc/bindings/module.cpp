@@ -1,0 +1,530 @@
+// pybind11 bindings of the core: the narrow boundary between Python and C++.
+//
+// What lives here and nowhere else: converting Python values (uuids, requirements, enums) into
+// core values, mapping core::Error to the exception classes of kvsched/errors.py, releasing the
+// GIL around blocking waits, and the user-facing Handle object with drop detection.
+//
+// GIL rules: every core call below is made with the GIL held except wait/poll/close, which
+// release it. The core never calls into Python, so no core lock is ever held while a thread
+// waits for the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "../core/scheduler.hpp"
+
+namespace py = pybind11;
+using namespace kvsched::core;
+
+namespace {
+
+// Python-side objects looked up once (kvsched.errors, kvsched.protocol, uuid, logging).
+struct PyRefs {
+  py::object uuid_cls, protocol, decision_cls, slot_status_cls;
+  py::object layer_complete, layer_name_complete, iteration_complete;
+  py::object decision_execute, decision_cancel;
+  py::object on_dropped;  // kvsched.scheduler._log_dropped
+  std::unordered_map<int, py::object> errors;
+};
+
+PyRefs& refs() {
+  // Leaked on purpose: Python objects must not be destroyed after the interpreter finalises.
+  static PyRefs* r = [] {
+    auto* p = new PyRefs();
+    p->uuid_cls = py::module_::import("uuid").attr("UUID");
+    p->protocol = py::module_::import("kvsched.protocol");
+    p->decision_cls = p->protocol.attr("Decision");
+    p->slot_status_cls = p->protocol.attr("SlotStatus");
+    p->layer_complete = p->protocol.attr("LayerComplete");
+    p->layer_name_complete = p->protocol.attr("LayerNameComplete");
+    p->iteration_complete = p->protocol.attr("IterationComplete");
+    p->decision_execute = p->decision_cls.attr("EXECUTE");
+    p->decision_cancel = p->decision_cls.attr("CANCEL");
+    py::module_ errors = py::module_::import("kvsched.errors");
+    p->errors[static_cast<int>(ErrorCode::kSlotExists)] = errors.attr("SlotExistsError");
+    p->errors[static_cast<int>(ErrorCode::kUnknownSlot)] = errors.attr("UnknownSlotError");
+    p->errors[static_cast<int>(ErrorCode::kSlotBusy)] = errors.attr("SlotBusyError");
+    p->errors[static_cast<int>(ErrorCode::kDuplicate)] = errors.attr("DuplicateOperationError");
+    p->errors[static_cast<int>(ErrorCode::kProtocol)] = errors.attr("ProtocolError");
+    p->errors[static_cast<int>(ErrorCode::kClosed)] = errors.attr("SchedulerClosedError");
+    p->errors[static_cast<int>(ErrorCode::kInvalidArgument)] = errors.attr("InvalidArgumentError");
+    p->on_dropped = py::module_::import("kvsched._logging").attr("log_dropped");
+    return p;
+  }();
+  return *r;
+}
+
+[[noreturn]] void invalid(const std::string& msg) { throw Error(ErrorCode::kInvalidArgument, msg); }
+
+int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// uuid: a uuid.UUID, its 16 bytes, or any string form uuid.UUID() accepts.
+Uuid to_uuid_impl(py::handle obj);
+
+// Converts with the request id named in any error message (SPEC S8).
+Uuid to_uuid(py::handle obj, const std::string& rid) {
+  try {
+    return to_uuid_impl(obj);
+  } catch (const Error& e) {
+    throw Error(e.code(), "request '" + rid + "': " + e.what());
+  } catch (const py::type_error& e) {
+    throw py::type_error("request '" + rid + "': " + e.what());
+  }
+}
+
+Uuid to_uuid_impl(py::handle obj) {
+  Uuid u;
+  PyObject* o = obj.ptr();
+  if (PyBytes_Check(o)) {
+    if (PyBytes_GET_SIZE(o) != 16)
+      invalid("uuid bytes must be 16 long, got " + std::to_string(PyBytes_GET_SIZE(o)));
+    const auto* b = reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(o));
+    for (int i = 0; i < 8; ++i) u.hi = (u.hi << 8) | b[i];
+    for (int i = 8; i < 16; ++i) u.lo = (u.lo << 8) | b[i];
+    return u;
+  }
+  if (PyUnicode_Check(o)) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (!s) throw py::error_already_set();
+    std::string str(s, static_cast<size_t>(n));
+    std::string_view v(str);
+    if (v.size() >= 9 && (v.substr(0, 9) == "urn:uuid:" || v.substr(0, 9) == "URN:UUID:"))
+      v.remove_prefix(9);
+    if (v.size() >= 2 && v.front() == '{' && v.back() == '}') v = v.substr(1, v.size() - 2);
+    int digits = 0;
+    for (char c : v) {
+      if (c == '-') continue;
+      int h = hexval(c);
+      if (h < 0 || digits >= 32) invalid("malformed uuid string '" + str + "'");
+      if (digits < 16) u.hi = (u.hi << 4) | static_cast<uint64_t>(h);
+      else u.lo = (u.lo << 4) | static_cast<uint64_t>(h);
+      ++digits;
+    }
+    if (digits != 32) invalid("malformed uuid string '" + str + "'");
+    return u;
+  }
+  if (PyObject_IsInstance(o, refs().uuid_cls.ptr()) == 1) {
+    py::int_ value = obj.attr("int");
+    u.lo = PyLong_AsUnsignedLongLongMask(value.ptr());
+    py::object high = value >> py::int_(64);
+    u.hi = PyLong_AsUnsignedLongLongMask(high.ptr());
+    return u;
+  }
+  throw py::type_error("uuid must be a uuid.UUID, 16 bytes or a str, not " +
+                       std::string(Py_TYPE(o)->tp_name));
+}
+
+py::object from_uuid(const Uuid& u) {
+  py::int_ hi(u.hi), lo(u.lo);
+  py::object value = (hi << py::int_(64)) | lo;
+  return refs().uuid_cls(py::arg("int") = value);
+}
+
+std::string to_rid(py::handle obj) {
+  if (!PyUnicode_Check(obj.ptr()))
+    throw py::type_error("request id must be a str, not " +
+                         std::string(Py_TYPE(obj.ptr())->tp_name));
+  Py_ssize_t n = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(obj.ptr(), &n);
+  if (!s) throw py::error_already_set();
+  return std::string(s, static_cast<size_t>(n));
+}
+
+// An int (or IntEnum) that is not a bool, in [lo, hi].
+int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
+  if (!PyLong_Check(obj.ptr()) || PyBool_Check(obj.ptr()))
+    throw py::type_error(std::string(what) + " must be an int, not " +
+                         Py_TYPE(obj.ptr())->tp_name);
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+  if (overflow || v < lo || v > hi)
+    invalid(std::string(what) + " out of range: " + py::str(obj).cast<std::string>());
+  return v;
+}
+
+template <class F>
+auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f()) {
+  std::string where = "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
+  try {
+    return f();
+  } catch (const Error& e) {
+    throw Error(e.code(), where + e.what());
+  } catch (const py::type_error& e) {
+    throw py::type_error(where + e.what());
+  }
+}
+
+Kind to_kind(py::handle obj, const std::string& rid, const Uuid& u) {
+  return with_context(rid, &u, [&] {
+    return static_cast<Kind>(to_small_int(obj, "kind (TransferKind)", 0, 1));
+  });
+}
+Mode to_mode(py::handle obj, const std::string& rid, const Uuid* u) {
+  return with_context(rid, u, [&] {
+    return static_cast<Mode>(to_small_int(obj, "mode (RequestMode)", 0, 1));
+  });
+}
+
+py::object decision_obj(Decision d) {
+  if (d == Decision::kExecute) return refs().decision_execute;
+  if (d == Decision::kCancel) return refs().decision_cancel;
+  return py::none();
+}
+
+// Everything a Handle, WorkerSide and TransferSide share; kept alive by all of them.
+struct CoreState {
+  explicit CoreState(const Config& c) : sched(c) {}
+  Scheduler sched;
+  std::unordered_map<std::string, uint64_t> layer_index;
+
+  uint64_t to_requirement(py::handle req) {
+    if (req.is_none()) return 0;
+    PyRefs& r = refs();
+    if (py::isinstance(req, r.layer_complete)) {
+      auto layer = to_small_int(req.attr("layer"), "LayerComplete.layer", 0,
+                                static_cast<int64_t>(kMaxLayer));
+      auto it = to_small_int(req.attr("iteration"), "LayerComplete.iteration", 0,
+                             static_cast<int64_t>(kMaxIteration));
+      const uint64_t n = sched.config().num_layers;
+      if (n != 0 && static_cast<uint64_t>(layer) >= n)
+        invalid("LayerComplete.layer " + std::to_string(layer) + " out of range (" +
+                std::to_string(n) + " layers)");
+      return layer_requirement(static_cast<uint64_t>(layer), static_cast<uint64_t>(it));
+    }
+    if (py::isinstance(req, r.layer_name_complete)) {
+      py::object name = req.attr("name");
+      if (!PyUnicode_Check(name.ptr())) throw py::type_error("LayerNameComplete.name must be a str");
+      std::string n = name.cast<std::string>();
+      auto found = layer_index.find(n);
+      if (found == layer_index.end()) invalid("unknown layer name '" + n + "'");
+      auto it = to_small_int(req.attr("iteration"), "LayerNameComplete.iteration", 0,
+                             static_cast<int64_t>(kMaxIteration));
+      return layer_requirement(found->second, static_cast<uint64_t>(it));
+    }
+    if (py::isinstance(req, r.iteration_complete)) {
+      auto it = to_small_int(req.attr("iteration"), "IterationComplete.iteration", 0,
+                             static_cast<int64_t>(kMaxIteration));
+      return iteration_requirement(static_cast<uint64_t>(it));
+    }
+    throw py::type_error(
+        "requirement must be None, LayerComplete, LayerNameComplete or IterationComplete, not " +
+        std::string(Py_TYPE(req.ptr())->tp_name));
+  }
+
+  uint64_t to_layer(py::handle layer) {
+    if (PyUnicode_Check(layer.ptr())) {
+      std::string n = layer.cast<std::string>();
+      auto found = layer_index.find(n);
+      if (found == layer_index.end()) invalid("unknown layer name '" + n + "'");
+      return found->second;
+    }
+    return static_cast<uint64_t>(
+        to_small_int(layer, "layer", 0, static_cast<int64_t>(kMaxLayer)));
+  }
+};
+
+using StatePtr = std::shared_ptr<CoreState>;
+
+Clock::time_point deadline_after(double seconds) {
+  if (seconds <= 0) return Clock::now();
+  if (seconds > 1e9) seconds = 1e9;
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                            std::chrono::duration<double>(seconds));
+}
+
+// Converts a Python timeout (None or seconds) into an optional deadline.
+bool to_timeout(py::handle timeout, double* seconds) {
+  if (timeout.is_none()) return false;
+  if (PyBool_Check(timeout.ptr()) || !(PyFloat_Check(timeout.ptr()) || PyLong_Check(timeout.ptr())))
+    throw py::type_error("timeout must be None or a number of seconds");
+  double s = timeout.cast<double>();
+  if (s != s) invalid("timeout must not be NaN");
+  *seconds = s < 0 ? 0 : s;
+  return true;
+}
+
+// The user-facing handle of one operation (SPEC section 3). At most one Handle object exists per
+// op at a time (Op::binding_view), so poll() returns the very object schedule() returned while the
+// caller still holds it.
+class Handle {
+ public:
+  Handle(StatePtr state, OpPtr op) : state_(std::move(state)), op_(std::move(op)) {
+    // order: release — pairs with the acquire in Scheduler::on_handle_dropped().
+    op_->views.fetch_add(1, std::memory_order_release);
+    op_->binding_view = this;
+  }
+  ~Handle() {
+    if (op_->binding_view == this) op_->binding_view = nullptr;
+    // order: release — pairs with the acquire in Scheduler::on_handle_dropped().
+    op_->views.fetch_sub(1, std::memory_order_release);
+    try {
+      if (state_->sched.on_handle_dropped(op_)) {
+        refs().on_dropped(op_->rid, op_->uuid.str());
+      }
+    } catch (...) {
+      // A destructor must not throw; logging failures at interpreter shutdown are harmless.
+      PyErr_Clear();
+    }
+  }
+
+  static py::object wrap(const StatePtr& state, const OpPtr& op) {
+    if (op->binding_view)
+      return py::cast(static_cast<Handle*>(op->binding_view), py::return_value_policy::reference);
+    return py::cast(new Handle(state, op), py::return_value_policy::take_ownership);
+  }
+
+  py::object decision() {
+    Decision d = op_->load_decision();
+    if (d != Decision::kNone) state_->sched.deliver(op_);
+    return decision_obj(d);
+  }
+
+  py::object wait(py::handle timeout) {
+    double seconds = 0;
+    const bool bounded = to_timeout(timeout, &seconds);
+    const auto end = bounded ? deadline_after(seconds) : Clock::time_point::max();
+    for (;;) {
+      Decision d = op_->load_decision();
+      if (d != Decision::kNone) {
+        state_->sched.deliver(op_);
+        return decision_obj(d);
+      }
+      if (state_->sched.closed() || Clock::now() >= end) return py::none();
+      // Wait in slices so Ctrl-C (PyErr_CheckSignals) works during long waits.
+      const auto slice = std::min(end, Clock::now() + std::chrono::milliseconds(50));
+      {
+        py::gil_scoped_release nogil;
+        state_->sched.wait_decision(op_, slice);
+      }
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+  }
+
+  void mark_complete(py::handle error) {
+    if (error.is_none()) {
+      state_->sched.mark_complete(op_, true, {});
+      return;
+    }
+    std::string msg;
+    if (PyExceptionInstance_Check(error.ptr())) {
+      msg = std::string(Py_TYPE(error.ptr())->tp_name) + ": " + py::str(error).cast<std::string>();
+    } else if (PyUnicode_Check(error.ptr())) {
+      msg = error.cast<std::string>();
+    } else {
+      throw py::type_error("error must be None, an exception or a str");
+    }
+    if (msg.empty()) msg = "failed";
+    state_->sched.mark_complete(op_, false, msg);
+  }
+
+  py::object uuid() {
+    if (!uuid_obj_) uuid_obj_ = from_uuid(op_->uuid);
+    return uuid_obj_;
+  }
+  const std::string& request_id() const { return op_->rid; }
+  std::string outcome() const {
+    switch (op_->load_outcome()) {
+      case Outcome::kOpen: return "open";
+      case Outcome::kCompleted: return "completed";
+      case Outcome::kFailed: return "failed";
+      case Outcome::kCancelled: return "cancelled";
+    }
+    return "open";
+  }
+  bool is_immediate() const { return op_->mode == Mode::kImmediate; }
+  bool closed() const { return state_->sched.closed(); }
+  const OpPtr& op() const { return op_; }
+
+ private:
+  StatePtr state_;
+  OpPtr op_;
+  py::object uuid_obj_;
+};
+
+struct WorkerSide {
+  StatePtr s;
+};
+struct TransferSide {
+  StatePtr s;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kvsched C++ core (private: use kvsched.Scheduler)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::object cls = refs().errors.at(static_cast<int>(e.code()));
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+
+  py::class_<Handle>(m, "Handle", "A decided-or-pending transfer operation (SPEC section 3).")
+      .def_property_readonly("decision", &Handle::decision,
+                             "Decision.EXECUTE / Decision.CANCEL, or None while undecided.")
+      .def_property_readonly("request_id", &Handle::request_id)
+      .def_property_readonly("uuid", &Handle::uuid)
+      .def_property_readonly("outcome", &Handle::outcome,
+                             "'open', 'completed', 'failed' or 'cancelled'.")
+      .def_property_readonly("immediate", &Handle::is_immediate)
+      .def("wait", &Handle::wait, py::arg("timeout") = py::none(),
+           "Block (GIL released) until decided; returns the Decision, or None on timeout/close.")
+      .def("mark_complete", &Handle::mark_complete, py::arg("error") = py::none(),
+           "End the operation: completed, or failed when `error` (exception or str) is given.")
+      .def("_closed", &Handle::closed)
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__",
+           [](Handle& h, py::handle, py::handle exc, py::handle) {
+             if (h.op()->load_decision() == Decision::kCancel) return false;
+             h.mark_complete(exc);
+             return false;
+           })
+      .def("__repr__", [](Handle& h) {
+        Decision d = h.op()->load_decision();
+        const char* ds = d == Decision::kExecute ? "EXECUTE" : d == Decision::kCancel ? "CANCEL" : "None";
+        return "<kvsched.Handle request_id=" + py::repr(py::str(h.request_id())).cast<std::string>() +
+               " uuid=" + h.op()->uuid.str() + " decision=" + ds + " outcome=" + h.outcome() + ">";
+      });
+
+  py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (SPEC section 3).")
+      .def("create_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.create_slot(to_rid(rid)); },
+           py::arg("rid"))
+      .def("enqueue",
+           [](WorkerSide& w, py::handle rid, py::handle uuid, py::handle kind, py::handle mode) {
+             std::string r = to_rid(rid);
+             Uuid u = to_uuid(uuid, r);
+             w.s->sched.enqueue(r, u, to_kind(kind, r, u), to_mode(mode, r, &u));
+           },
+           py::arg("rid"), py::arg("uuid"), py::arg("kind"), py::arg("mode") = 0)
+      .def("enqueue_many",
+           [](WorkerSide& w, py::handle rid, py::iterable uuids, py::handle kind, py::handle mode) {
+             // Validate everything first so a bad element changes nothing... except what the core
+             // itself rejects later (a duplicate); those raise at that element.
+             std::string r = to_rid(rid);
+             std::vector<Uuid> us;
+             for (auto u : uuids) us.push_back(to_uuid(u, r));
+             if (us.empty()) return;
+             Kind k = to_kind(kind, r, us[0]);
+             Mode md = to_mode(mode, r, &us[0]);
+             for (auto& u : us) w.s->sched.enqueue(r, u, k, md);
+           },
+           py::arg("rid"), py::arg("uuids"), py::arg("kind"), py::arg("mode") = 0)
+      .def("start_next_iteration", [](WorkerSide& w) { return w.s->sched.start_next_iteration(); })
+      .def("mark_layer_complete",
+           [](WorkerSide& w, py::handle layer) {
+             w.s->sched.mark_layer_complete(w.s->to_layer(layer));
+           },
+           py::arg("layer"))
+      .def("mark_iteration_complete", [](WorkerSide& w) { w.s->sched.mark_iteration_complete(); })
+      .def("is_complete", [](WorkerSide& w, py::handle rid) { return w.s->sched.is_complete(to_rid(rid)); },
+           py::arg("rid"))
+      .def("take_finished", [](WorkerSide& w) { return w.s->sched.take_finished(); })
+      .def("slot_status",
+           [](WorkerSide& w, py::handle rid) {
+             SlotSnapshot snap = w.s->sched.slot_status(to_rid(rid));
+             py::list errors;
+             for (auto& e : snap.errors) errors.append(py::make_tuple(from_uuid(e.first), e.second));
+             return refs().slot_status_cls(py::arg("expected") = snap.expected,
+                                           py::arg("completed") = snap.completed,
+                                           py::arg("failed") = snap.failed,
+                                           py::arg("cancelled") = snap.cancelled,
+                                           py::arg("errors") = errors);
+           },
+           py::arg("rid"))
+      .def("cancel_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.cancel_slot(to_rid(rid)); },
+           py::arg("rid"))
+      .def("remove_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.remove_slot(to_rid(rid)); },
+           py::arg("rid"));
+
+  py::class_<TransferSide>(m, "TransferSide", "The leader / transfer half of a scheduler.")
+      .def("schedule",
+           [](TransferSide& t, py::handle rid, py::handle uuid, py::handle requirement,
+              py::handle mode) {
+             std::string r = to_rid(rid);
+             Uuid u = to_uuid(uuid, r);
+             Mode md = to_mode(mode, r, &u);
+             uint64_t req = with_context(r, &u, [&] { return t.s->to_requirement(requirement); });
+             return Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md));
+           },
+           py::arg("rid"), py::arg("uuid"), py::arg("requirement") = py::none(),
+           py::arg("mode") = 0)
+      .def("schedule_many",
+           [](TransferSide& t, py::handle rid, py::iterable uuids, py::handle requirement,
+              py::handle mode) {
+             std::string r = to_rid(rid);
+             Mode md = to_mode(mode, r, nullptr);
+             uint64_t req = with_context(r, nullptr, [&] { return t.s->to_requirement(requirement); });
+             std::vector<Uuid> us;
+             for (auto u : uuids) us.push_back(to_uuid(u, r));
+             py::list out;
+             for (auto& u : us) out.append(Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md)));
+             return out;
+           },
+           py::arg("rid"), py::arg("uuids"), py::arg("requirement") = py::none(),
+           py::arg("mode") = 0)
+      .def("poll",
+           [](TransferSide& t, py::handle max_items, py::handle timeout) {
+             const int64_t n = to_small_int(max_items, "max_items", 0, int64_t{1} << 40);
+             double seconds = 0;
+             const bool bounded = to_timeout(timeout, &seconds);
+             const auto end = bounded ? deadline_after(seconds) : Clock::time_point::max();
+             std::vector<OpPtr> ops;
+             for (;;) {
+               const auto slice = std::min(end, Clock::now() + std::chrono::milliseconds(50));
+               {
+                 py::gil_scoped_release nogil;
+                 ops = t.s->sched.poll(static_cast<size_t>(n), slice);
+               }
+               if (!ops.empty() || n == 0 || t.s->sched.closed() || Clock::now() >= end) break;
+               if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+             }
+             py::list out;
+             for (auto& op : ops) out.append(Handle::wrap(t.s, op));
+             return out;
+           },
+           py::arg("max_items") = 64, py::arg("timeout") = 0.0);
+
+  py::class_<CoreState, StatePtr>(m, "Core")
+      .def(py::init([](int64_t max_inflight, uint64_t num_layers, double op_timeout_s,
+                       size_t removed_memory, size_t poll_backlog, double store_starvation_s,
+                       std::vector<std::string> layer_names) {
+             Config c;
+             c.max_inflight = max_inflight;
+             c.num_layers = num_layers;
+             c.op_timeout_ns = static_cast<int64_t>(op_timeout_s * 1e9);
+             c.removed_memory = removed_memory;
+             c.poll_backlog = poll_backlog;
+             c.store_starvation_ns = static_cast<int64_t>(store_starvation_s * 1e9);
+             refs();  // import the Python-side classes now, not in a destructor later
+             auto st = std::make_shared<CoreState>(c);
+             for (size_t i = 0; i < layer_names.size(); ++i) st->layer_index[layer_names[i]] = i;
+             return st;
+           }),
+           py::arg("max_inflight"), py::arg("num_layers"), py::arg("op_timeout_s"),
+           py::arg("removed_memory"), py::arg("poll_backlog"), py::arg("store_starvation_s"),
+           py::arg("layer_names"))
+      .def_property_readonly("worker", [](const StatePtr& s) { return WorkerSide{s}; })
+      .def_property_readonly("transfer", [](const StatePtr& s) { return TransferSide{s}; })
+      .def("stats", [](CoreState& s) { return s.sched.stats(); })
+      .def("close",
+           [](CoreState& s) {
+             py::gil_scoped_release nogil;
+             s.sched.close();
+           })
+      .def_property_readonly("closed", [](CoreState& s) { return s.sched.closed(); });
+}

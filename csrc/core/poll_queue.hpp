@@ -1,0 +1,81 @@
+// Decided SCHEDULED operations waiting to be taken by Scheduler::poll (SPEC section 3, `poll`).
+//
+// Contract
+//   - Blocking with timeout (mutex + condition variable): poll() is the executor's blocking entry
+//     point, so it needs a sleeping wait anyway; push() is a short critical section.
+//   - Each op is handed out once: pop() claims delivery with an exchange on Op::delivered, so an
+//     op already delivered through wait/decision is skipped.
+//   - Bounded: at most `capacity` entries; push() returns the evicted oldest entry (if any) so the
+//     scheduler can fail it as dropped when nobody holds it (docs/semantics.md, "Backlog").
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "op.hpp"
+#include "sync.hpp"
+
+namespace kvsched::core {
+
+class PollQueue {
+ public:
+  explicit PollQueue(size_t capacity) : capacity_(capacity == 0 ? 1 : capacity) {}
+
+  OpPtr push(OpPtr op) {
+    OpPtr evicted;
+    {
+      std::lock_guard<Mutex> lock(mu_);
+      if (queue_.size() >= capacity_) {
+        evicted = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      queue_.push_back(std::move(op));
+    }
+    cv_.notify_one();
+    return evicted;
+  }
+
+  // Waits until something is available, the queue is closed, or `deadline` passes.
+  template <class Clock, class Duration>
+  std::vector<OpPtr> pop(size_t max_items, std::chrono::time_point<Clock, Duration> deadline) {
+    std::vector<OpPtr> out;
+    std::unique_lock<Mutex> lock(mu_);
+    for (;;) {
+      while (!queue_.empty() && out.size() < max_items) {
+        OpPtr op = std::move(queue_.front());
+        queue_.pop_front();
+        // order: acq_rel — claims delivery exactly once against Scheduler::deliver(); acquire
+        // sees the decision published before the op was pushed.
+        if (!op->delivered.exchange(true, std::memory_order_acq_rel)) out.push_back(std::move(op));
+      }
+      if (!out.empty() || closed_ || max_items == 0) return out;
+      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+        if (queue_.empty()) return out;
+      }
+    }
+  }
+
+  void close() {
+    {
+      std::lock_guard<Mutex> lock(mu_);
+      closed_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  size_t size() const {
+    std::lock_guard<Mutex> lock(mu_);
+    return queue_.size();
+  }
+
+ private:
+  const size_t capacity_;
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::deque<OpPtr> queue_;
+  bool closed_ = false;
+};
+
+}  // namespace kvsched::core

@@ -1,0 +1,743 @@
+// Implementation of the scheduler. The "Note [...]" references point to docs/design.md.
+#include "scheduler.hpp"
+
+#include <algorithm>
+
+namespace kvsched::core {
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
+
+std::string who(const std::string& rid, const Uuid* uuid) {
+  std::string s = "request '" + rid + "'";
+  if (uuid) s += " op " + uuid->str();
+  return s;
+}
+
+[[noreturn]] void fail(ErrorCode code, const std::string& rid, const Uuid* uuid,
+                       const std::string& what) {
+  throw Error(code, who(rid, uuid) + ": " + what);
+}
+
+const char* mode_name(Mode m) { return m == Mode::kScheduled ? "SCHEDULED" : "IMMEDIATE"; }
+
+void bump(Atomic<uint64_t>& c) {
+  // order: relaxed — statistic only; never read to make a decision.
+  c.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const Config& config)
+    : config_(config),
+      progress_(config.num_layers),
+      tokens_(config.max_inflight),
+      ready_(config.store_starvation_ns),
+      poll_queue_(config.poll_backlog),
+      shards_(std::max<size_t>(1, config.join_shards)),
+      stripes_(64) {
+  if (config.max_inflight < 1) throw Error(ErrorCode::kInvalidArgument, "max_inflight must be >= 1");
+  if ((shards_.size() & (shards_.size() - 1)) != 0)
+    throw Error(ErrorCode::kInvalidArgument, "join_shards must be a power of two");
+  if (config_.op_timeout_ns > 0) deadline_thread_ = std::thread([this] { deadline_loop(); });
+}
+
+Scheduler::~Scheduler() {
+  close();
+  // Break the Slot -> Op -> Slot reference cycles of slots that were never removed.
+  std::unique_lock<SharedMutex> lock(slots_mu_);
+  for (auto& kv : slots_) {
+    std::lock_guard<Mutex> slot_lock(kv.second->mu);
+    kv.second->ops.clear();
+  }
+  slots_.clear();
+}
+
+// ------------------------------------------------------------------------------------------------
+// helpers
+
+void Scheduler::check_open(const std::string& rid, const Uuid* uuid) const {
+  // order: acquire — pairs with the exchange in close(); see the re-check in schedule().
+  if (closed_.load(std::memory_order_acquire))
+    fail(ErrorCode::kClosed, rid, uuid, "the scheduler is closed");
+}
+
+bool Scheduler::closed() const {
+  // order: acquire — pairs with the exchange in close().
+  return closed_.load(std::memory_order_acquire);
+}
+
+SlotPtr Scheduler::find_slot(const std::string& rid) const {
+  std::shared_lock<SharedMutex> lock(slots_mu_);
+  auto it = slots_.find(rid);
+  return it == slots_.end() ? nullptr : it->second;
+}
+
+bool Scheduler::rid_cancelled_locked(const std::string& rid) const {
+  return !cancelled_rids_.empty() && cancelled_rids_.count(rid) != 0;
+}
+
+void Scheduler::note_inflight() {
+  const uint64_t now = static_cast<uint64_t>(tokens_.in_use());
+  // order: relaxed — statistic only (a high-water mark checked by tests against max_inflight).
+  uint64_t peak = counters_.peak_inflight.load(std::memory_order_relaxed);
+  while (now > peak && !counters_.peak_inflight.compare_exchange_weak(
+                           peak, now, std::memory_order_relaxed, std::memory_order_relaxed)) {
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// worker side
+
+void Scheduler::create_slot(const std::string& rid) {
+  check_open(rid, nullptr);
+  {
+    std::unique_lock<SharedMutex> lock(slots_mu_);
+    if (slots_.count(rid)) fail(ErrorCode::kSlotExists, rid, nullptr, "slot already exists");
+    slots_.emplace(rid, std::make_shared<Slot>(rid));
+  }
+  {
+    // A new incarnation of the rid starts clean: it is no longer cancelled.
+    std::lock_guard<Mutex> lock(rid_mu_);
+    cancelled_rids_.erase(rid);
+  }
+  bump(counters_.slots_created);
+}
+
+void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mode mode) {
+  check_open(rid, &uuid);
+  SlotPtr slot = find_slot(rid);
+  if (!slot) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot: call create_slot first");
+  OpPtr op;
+  bool created = false;
+  bool cancel_now = false;
+  {
+    std::lock_guard<Mutex> slot_lock(slot->mu);
+    if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot (it was removed)");
+    Shard& sh = shard(uuid);
+    std::lock_guard<Mutex> shard_lock(sh.mu);
+    auto it = sh.map.find(uuid);
+    if (it != sh.map.end()) {
+      if (it->second.removed)
+        fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
+      op = it->second.op;
+      if (op->rid != rid)
+        fail(ErrorCode::kProtocol, rid, &uuid,
+             "halves disagree on the request id (transfer half says '" + op->rid + "')");
+      if (op->mode != mode)
+        fail(ErrorCode::kProtocol, rid, &uuid,
+             std::string("halves disagree on the mode (transfer half is ") + mode_name(op->mode) +
+                 ", worker half " + mode_name(mode) + ")");
+      // order: relaxed — worker claims of one uuid are serialised by slot->mu (a uuid maps to one
+      // rid, checked above), so this is only a read of our own side's bit.
+      if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
+        fail(ErrorCode::kDuplicate, rid, &uuid, "worker half already enqueued");
+    } else {
+      op = std::make_shared<Op>(uuid, rid, mode);
+      created = true;
+    }
+    // order: relaxed — claims publish nothing; the fields are published by the release in the
+    // kWorkerPublished fetch_or below.
+    op->halves.fetch_or(Op::kWorkerClaimed, std::memory_order_relaxed);
+    if (created) sh.map.emplace(uuid, JoinEntry{op, false});
+    op->kind = kind;
+    op->slot = slot;
+    slot->ops.push_back(op);
+    // order: relaxed — published to the outcome side by the kEnqueued acq_rel fetch_or below,
+    // and to is_complete() readers by slot->mu / later acq_rel decrements.
+    slot->expected.fetch_add(1, std::memory_order_relaxed);
+    slot->open.fetch_add(1, std::memory_order_relaxed);
+    cancel_now = slot->cancelled && mode == Mode::kScheduled;
+  }
+  bump(counters_.enqueued);
+  if (created && mode == Mode::kScheduled && config_.op_timeout_ns > 0) {
+    std::lock_guard<Mutex> lock(deadline_mu_);
+    deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
+    deadline_cv_.notify_one();
+  }
+  // order: acq_rel — release publishes kind/slot written above to the transfer half's publish;
+  // acquire makes the transfer half's `requirement` visible when it published first (the join).
+  const uint8_t halves = op->halves.fetch_or(Op::kWorkerPublished, std::memory_order_acq_rel);
+  // order: acq_rel — pairs with the kEnded fetch_or in end_op(): whichever completes the pair
+  // counts the op, and sees the other side's writes (slot pointer / outcome and error).
+  const uint8_t counted = op->counted.fetch_or(Op::kEnqueued, std::memory_order_acq_rel);
+  if (counted & Op::kEnded) count_into_slot(op);
+  if (cancel_now) {
+    decide(op, Decision::kCancel);
+  } else if (halves & Op::kTransferPublished) {
+    on_joined(op);
+  }
+  // A close() that raced with this call may have scanned the shard before the op was inserted.
+  if (closed() && mode == Mode::kScheduled) decide(op, Decision::kCancel);
+}
+
+uint64_t Scheduler::start_next_iteration() {
+  check_open("-", nullptr);
+  const uint64_t it = progress_.start_next_iteration();
+  release_gated(progress_.load());
+  return it;
+}
+
+void Scheduler::mark_layer_complete(uint64_t layer) {
+  check_open("-", nullptr);
+  release_gated(progress_.mark_layer_complete(layer));
+}
+
+void Scheduler::mark_iteration_complete() {
+  check_open("-", nullptr);
+  release_gated(progress_.mark_iteration_complete());
+}
+
+bool Scheduler::is_complete(const std::string& rid) const {
+  check_open(rid, nullptr);
+  SlotPtr slot = find_slot(rid);
+  if (!slot) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
+  return slot->is_complete();
+}
+
+std::vector<std::string> Scheduler::take_finished() {
+  check_open("-", nullptr);
+  std::vector<SlotPtr> batch;
+  {
+    std::lock_guard<Mutex> lock(finished_mu_);
+    batch.swap(finished_);
+  }
+  std::vector<std::string> out;
+  out.reserve(batch.size());
+  for (auto& slot : batch) {
+    std::lock_guard<Mutex> lock(slot->mu);
+    if (!slot->removed) out.push_back(slot->rid);
+  }
+  return out;
+}
+
+SlotSnapshot Scheduler::slot_status(const std::string& rid) const {
+  check_open(rid, nullptr);
+  SlotPtr slot = find_slot(rid);
+  if (!slot) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
+  SlotSnapshot s;
+  std::lock_guard<Mutex> lock(slot->mu);
+  // order: relaxed — read under slot->mu; the counters are a snapshot. (is_complete() is the
+  // exact test; the acquire on `open` orders the counters for it.)
+  const bool complete = slot->is_complete();
+  s.expected = slot->expected.load(std::memory_order_relaxed);
+  s.completed = slot->completed.load(std::memory_order_relaxed);
+  s.failed = slot->failed.load(std::memory_order_relaxed);
+  s.cancelled = slot->cancelled_ops.load(std::memory_order_relaxed);
+  (void)complete;
+  s.errors = slot->errors;
+  return s;
+}
+
+void Scheduler::cancel_slot(const std::string& rid) {
+  check_open(rid, nullptr);
+  std::vector<OpPtr> victims;
+  {
+    std::lock_guard<Mutex> lock(rid_mu_);
+    if (cancelled_rids_.insert(rid).second) {
+      cancelled_order_.push_back(rid);
+      while (cancelled_order_.size() > config_.removed_memory) {
+        cancelled_rids_.erase(cancelled_order_.front());
+        cancelled_order_.pop_front();
+      }
+    }
+    auto it = pending_by_rid_.find(rid);
+    if (it != pending_by_rid_.end()) {
+      victims = std::move(it->second);
+      pending_by_rid_.erase(it);
+    }
+  }
+  if (SlotPtr slot = find_slot(rid)) {
+    std::lock_guard<Mutex> lock(slot->mu);
+    slot->cancelled = true;
+    for (auto& op : slot->ops)
+      if (op->mode == Mode::kScheduled && op->load_decision() == Decision::kNone)
+        victims.push_back(op);
+  }
+  // Decide outside every lock: decide() may end the op and count it into its slot.
+  for (auto& op : victims)
+    if (op->mode == Mode::kScheduled) decide(op, Decision::kCancel);
+}
+
+void Scheduler::remove_slot(const std::string& rid) {
+  check_open(rid, nullptr);
+  std::vector<OpPtr> ops;
+  {
+    std::unique_lock<SharedMutex> table_lock(slots_mu_);
+    auto it = slots_.find(rid);
+    if (it == slots_.end()) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
+    SlotPtr slot = it->second;
+    std::lock_guard<Mutex> slot_lock(slot->mu);
+    if (!slot->is_complete()) {
+      const Uuid* first_open = nullptr;
+      for (auto& op : slot->ops) {
+        // order: acquire — pairs with end_op()'s acq_rel fetch_or on `counted`.
+        if ((op->counted.load(std::memory_order_acquire) & Op::kEnded) == 0) {
+          first_open = &op->uuid;
+          break;
+        }
+      }
+      // order: relaxed — message only.
+      fail(ErrorCode::kSlotBusy, rid, first_open,
+           std::to_string(slot->open.load(std::memory_order_relaxed)) +
+               " operation(s) not ended; the slot can be removed once is_complete() is true");
+    }
+    slot->removed = true;
+    ops.swap(slot->ops);  // also breaks the Slot -> Op -> Slot cycle
+    slots_.erase(it);
+  }
+  bump(counters_.slots_removed);
+  remember_removed(ops);
+  {
+    // Forget transfer halves of this rid that joined or ended; keep waiting ones (they may
+    // belong to the next slot of the same rid, docs/semantics.md).
+    std::lock_guard<Mutex> lock(rid_mu_);
+    auto it = pending_by_rid_.find(rid);
+    if (it != pending_by_rid_.end()) {
+      auto& v = it->second;
+      v.erase(std::remove_if(v.begin(), v.end(),
+                             [](const OpPtr& op) {
+                               // order: acquire — pairs with the publish fetch_ors.
+                               return (op->halves.load(std::memory_order_acquire) &
+                                       Op::kWorkerPublished) ||
+                                      op->load_decision() != Decision::kNone;
+                             }),
+              v.end());
+      if (v.empty()) pending_by_rid_.erase(it);
+    }
+  }
+}
+
+void Scheduler::remember_removed(const std::vector<OpPtr>& ops) {
+  for (auto& op : ops) {
+    Shard& sh = shard(op->uuid);
+    std::lock_guard<Mutex> lock(sh.mu);
+    auto it = sh.map.find(op->uuid);
+    if (it != sh.map.end() && it->second.op == op) it->second.removed = true;
+  }
+  std::lock_guard<Mutex> lock(removed_mu_);
+  for (auto& op : ops) removed_order_.emplace_back(op->uuid, op.get());
+  while (removed_order_.size() > config_.removed_memory) {
+    auto [uuid, ptr] = removed_order_.front();
+    removed_order_.pop_front();
+    Shard& sh = shard(uuid);
+    std::lock_guard<Mutex> shard_lock(sh.mu);
+    auto it = sh.map.find(uuid);
+    if (it != sh.map.end() && it->second.removed && it->second.op.get() == ptr) sh.map.erase(it);
+    bump(counters_.removed_forgotten);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// transfer side
+
+OpPtr Scheduler::standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode) {
+  auto op = std::make_shared<Op>(uuid, rid, mode);
+  // order: relaxed — the op is not shared yet; the poll queue's lock publishes it.
+  op->halves.store(Op::kTransferClaimed | Op::kTransferPublished, std::memory_order_relaxed);
+  op->decision.store(static_cast<uint8_t>(Decision::kCancel), std::memory_order_relaxed);
+  op->outcome.store(static_cast<uint8_t>(Outcome::kCancelled), std::memory_order_relaxed);
+  bump(counters_.late_cancelled);
+  push_poll(op);
+  return op;
+}
+
+OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t requirement,
+                          Mode mode) {
+  check_open(rid, &uuid);
+  OpPtr op;
+  bool created = false;
+  bool late = false;
+  {
+    Shard& sh = shard(uuid);
+    std::lock_guard<Mutex> shard_lock(sh.mu);
+    auto it = sh.map.find(uuid);
+    if (it != sh.map.end()) {
+      if (it->second.removed) {
+        if (mode == Mode::kImmediate)
+          fail(ErrorCode::kDuplicate, rid, &uuid,
+               "IMMEDIATE transfer half for an operation of a removed slot");
+        late = true;  // S6: a late half of a removed slot is decided CANCEL at once
+      } else {
+        op = it->second.op;
+        if (op->rid != rid)
+          fail(ErrorCode::kProtocol, rid, &uuid,
+               "halves disagree on the request id (worker half says '" + op->rid + "')");
+        if (op->mode != mode)
+          fail(ErrorCode::kProtocol, rid, &uuid,
+               std::string("halves disagree on the mode (worker half is ") + mode_name(op->mode) +
+                   ", transfer half " + mode_name(mode) + ")");
+        // order: relaxed — detects a duplicate transfer half atomically (transfer claims of one
+        // uuid are serialised by this shard lock); it publishes nothing.
+        if (op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed) &
+            Op::kTransferClaimed)
+          fail(ErrorCode::kDuplicate, rid, &uuid, "transfer half already scheduled");
+      }
+    } else {
+      // rid_mu_ under the shard lock: "is the rid cancelled?" and "register as pending" must be
+      // one step against cancel_slot(), or a half could slip between its two steps.
+      std::lock_guard<Mutex> rid_lock(rid_mu_);
+      if (mode == Mode::kScheduled && rid_cancelled_locked(rid)) {
+        late = true;
+      } else {
+        op = std::make_shared<Op>(uuid, rid, mode);
+        // order: relaxed — the op is published by the shard lock.
+        op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
+        sh.map.emplace(uuid, JoinEntry{op, false});
+        created = true;
+        if (mode == Mode::kScheduled) pending_by_rid_[rid].push_back(op);
+      }
+    }
+  }
+  if (late) return standalone_cancel(rid, uuid, mode);
+  bump(counters_.scheduled);
+  op->requirement = requirement;
+  if (mode == Mode::kImmediate) {
+    bump(counters_.immediate);
+    // order: relaxed — delivery is claimed by the creator; readers use exchange/acquire.
+    op->delivered.store(true, std::memory_order_relaxed);
+    decide(op, Decision::kExecute);
+  } else if (created && config_.op_timeout_ns > 0) {
+    std::lock_guard<Mutex> lock(deadline_mu_);
+    deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
+    deadline_cv_.notify_one();
+  }
+  // order: acq_rel — release publishes `requirement` to the worker half; acquire makes the
+  // worker half's kind/slot visible when it published first (then this thread performs the join).
+  const uint8_t halves = op->halves.fetch_or(Op::kTransferPublished, std::memory_order_acq_rel);
+  if (halves & Op::kWorkerPublished) on_joined(op);
+  // A close() that raced with this call may have scanned the shard before the op was inserted.
+  if (closed()) decide(op, Decision::kCancel);
+  return op;
+}
+
+void Scheduler::on_joined(const OpPtr& op) {
+  bump(counters_.joined);
+  if (op->mode == Mode::kImmediate) return;  // already executing; counted through `counted`
+  if (op->load_decision() != Decision::kNone) return;  // cancelled or timed out before the join
+  if (!gate_.add_unless_ready(op, progress_)) make_ready(op);
+}
+
+void Scheduler::release_gated(uint64_t position) {
+  const int64_t t = now_ns();
+  for (auto& op : gate_.release_upto(position)) {
+    if (op->load_decision() != Decision::kNone) continue;
+    op->released_at_ns = t;
+    make_ready(op);
+  }
+}
+
+void Scheduler::make_ready(const OpPtr& op) {
+  op->ready_ns = now_ns();
+  // order: relaxed — a unique ticket; its order only matters under ready_mu_.
+  op->ready_seq = ready_seq_.fetch_add(1, std::memory_order_relaxed);
+  // order: relaxed — op_timeout exemption is advisory (docs/semantics.md: a deadline that fires
+  // before the op became ready still cancels it).
+  op->waiting_token.store(true, std::memory_order_relaxed);
+  // Fast path: nothing queued ahead of us and a token is free. See Note [token handshake].
+  if (ready_.queued() == 0 && tokens_.try_acquire()) {
+    note_inflight();
+    if (!decide(op, Decision::kExecute)) release_token();
+    return;
+  }
+  {
+    std::lock_guard<Mutex> lock(ready_mu_);
+    ready_.push(op);
+  }
+  pump();
+}
+
+void Scheduler::pump() {
+  std::vector<OpPtr> granted;
+  {
+    std::lock_guard<Mutex> lock(ready_mu_);
+    const int64_t t = now_ns();
+    while (!ready_.empty()) {
+      if (!tokens_.try_acquire()) break;
+      OpPtr op = ready_.pop(t);
+      if (op->load_decision() != Decision::kNone) {
+        tokens_.release();  // cancelled while queued; the loop itself reuses the token
+        continue;
+      }
+      granted.push_back(std::move(op));
+    }
+  }
+  if (!granted.empty()) note_inflight();
+  for (auto& op : granted)
+    if (!decide(op, Decision::kExecute)) release_token();
+}
+
+void Scheduler::release_token() {
+  tokens_.release();
+  if (ready_.queued() > 0) pump();  // Note [token handshake]
+}
+
+bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
+  uint8_t expected = static_cast<uint8_t>(Decision::kNone);
+  // order: seq_cst — acq_rel publishes the op's fields to load_decision() readers; seq_cst
+  // additionally orders it before the waiters load in notify_waiters() (Note [waiter handshake]).
+  if (!op->decision.compare_exchange_strong(expected, static_cast<uint8_t>(d),
+                                            std::memory_order_seq_cst))
+    return false;
+  if (d == Decision::kExecute) {
+    bump(counters_.executed);
+    if (op->released_at_ns != 0) dispatch_latency_.record(now_ns() - op->released_at_ns);
+  } else {
+    if (op->requirement != 0 && !progress_.holds(op->requirement)) gate_.erase(op);
+    end_op(op, Outcome::kCancelled, std::move(error));
+  }
+  notify_waiters(*op);
+  // order: acquire — pairs with the exchange in deliver()/PollQueue::pop().
+  if (op->mode == Mode::kScheduled && !op->delivered.load(std::memory_order_acquire)) {
+    push_poll(op);
+  }
+  return true;
+}
+
+bool Scheduler::end_op(const OpPtr& op, Outcome outcome, std::string error) {
+  uint8_t expected = static_cast<uint8_t>(Outcome::kOpen);
+  // order: acq_rel — the single exactly-once transition (S4); release publishes nothing yet
+  // (error is written after winning and published by the `counted` fetch_or below).
+  if (!op->outcome.compare_exchange_strong(expected, static_cast<uint8_t>(outcome),
+                                           std::memory_order_acq_rel, std::memory_order_acquire))
+    return false;
+  op->error = std::move(error);
+  switch (outcome) {
+    case Outcome::kCompleted: bump(counters_.completed); break;
+    case Outcome::kFailed: bump(counters_.failed); break;
+    case Outcome::kCancelled: bump(counters_.cancelled); break;
+    case Outcome::kOpen: break;
+  }
+  if (op->mode == Mode::kScheduled && op->load_decision() == Decision::kExecute) release_token();
+  // order: acq_rel — release publishes outcome and error to the enqueuer; acquire sees the slot
+  // pointer when the worker half was enqueued first. Pairs with the fetch_or in enqueue().
+  const uint8_t counted = op->counted.fetch_or(Op::kEnded, std::memory_order_acq_rel);
+  if (counted & Op::kEnqueued) count_into_slot(op);
+  return true;
+}
+
+void Scheduler::count_into_slot(const OpPtr& op) {
+  Slot& slot = *op->slot;
+  const Outcome o = op->load_outcome();
+  // order: relaxed — published to readers by the acq_rel fetch_sub on `open` below.
+  switch (o) {
+    case Outcome::kCompleted: slot.completed.fetch_add(1, std::memory_order_relaxed); break;
+    case Outcome::kFailed: slot.failed.fetch_add(1, std::memory_order_relaxed); break;
+    case Outcome::kCancelled: slot.cancelled_ops.fetch_add(1, std::memory_order_relaxed); break;
+    case Outcome::kOpen: break;
+  }
+  if (o == Outcome::kFailed || (o == Outcome::kCancelled && !op->error.empty())) {
+    std::lock_guard<Mutex> lock(slot.mu);
+    slot.errors.emplace_back(op->uuid, op->error);
+  }
+  // order: acq_rel — release publishes the counters and errors above to is_complete()'s acquire;
+  // acquire chains the earlier decrements so the thread that reaches zero saw them all.
+  if (slot.open.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    std::lock_guard<Mutex> lock(finished_mu_);
+    finished_.push_back(op->slot);
+  }
+}
+
+void Scheduler::notify_waiters(const Op& op) {
+  // order: seq_cst — Note [waiter handshake]: after the seq_cst decision CAS, either we see the
+  // waiter's increment, or the waiter's predicate check sees our decision.
+  if (op.waiters.load(std::memory_order_seq_cst) == 0) return;
+  WaitStripe& s = stripes_[std::hash<const void*>{}(&op) % stripes_.size()];
+  { std::lock_guard<Mutex> lock(s.mu); }  // a waiter between its check and its sleep holds s.mu
+  s.cv.notify_all();
+}
+
+Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
+  Decision d = op->load_decision();
+  if (d != Decision::kNone || closed()) return d;
+  // order: seq_cst — Note [waiter handshake].
+  op->waiters.fetch_add(1, std::memory_order_seq_cst);
+  WaitStripe& s = stripes_[std::hash<const void*>{}(op.get()) % stripes_.size()];
+  {
+    std::unique_lock<Mutex> lock(s.mu);
+    s.cv.wait_until(lock, deadline, [&] {
+      // order: seq_cst — Note [waiter handshake].
+      return op->decision.load(std::memory_order_seq_cst) !=
+                 static_cast<uint8_t>(Decision::kNone) ||
+             closed();
+    });
+  }
+  // order: relaxed — only a hint for notify_waiters(); a stale non-zero costs one notify.
+  op->waiters.fetch_sub(1, std::memory_order_relaxed);
+  return op->load_decision();
+}
+
+std::vector<OpPtr> Scheduler::poll(size_t max_items, Clock::time_point deadline) {
+  check_open("-", nullptr);
+  return poll_queue_.pop(max_items, deadline);
+}
+
+bool Scheduler::deliver(const OpPtr& op) {
+  if (op->load_decision() == Decision::kNone) return false;
+  // order: relaxed load first (cheap common case), then acq_rel exchange to claim delivery once
+  // against PollQueue::pop().
+  if (op->delivered.load(std::memory_order_relaxed)) return false;
+  return !op->delivered.exchange(true, std::memory_order_acq_rel);
+}
+
+void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error) {
+  const Decision d = op->load_decision();
+  if (d != Decision::kExecute)
+    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
+         d == Decision::kNone ? "mark_complete on an undecided handle"
+                              : "mark_complete on a handle decided CANCEL");
+  if (!end_op(op, ok ? Outcome::kCompleted : Outcome::kFailed, ok ? std::string() : error))
+    fail(ErrorCode::kProtocol, op->rid, &op->uuid, "handle already marked (second mark ignored)");
+}
+
+bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
+  // order: acquire — pairs with the binding layer's release decrement of the view count.
+  if (op->views.load(std::memory_order_acquire) != 0) return false;
+  // Undelivered and still pollable: dropping withdraws nothing (S4); poll() will hand it out.
+  // order: acquire — pairs with the delivery exchange in deliver()/PollQueue::pop().
+  if (!evicted_from_backlog && !op->delivered.load(std::memory_order_acquire)) return false;
+  if (op->load_decision() != Decision::kExecute || op->load_outcome() != Outcome::kOpen)
+    return false;
+  const bool failed = end_op(op, Outcome::kFailed,
+                             "HandleDroppedError: the handle of " + who(op->rid, &op->uuid) +
+                                 " was garbage-collected after its EXECUTE decision without "
+                                 "mark_complete(); the transfer is treated as failed");
+  if (failed) bump(counters_.dropped);
+  return failed;
+}
+
+void Scheduler::push_poll(const OpPtr& op) {
+  OpPtr evicted = poll_queue_.push(op);
+  if (!evicted) return;
+  // order: acquire — pairs with the delivery exchange.
+  if (!evicted->delivered.load(std::memory_order_acquire)) {
+    bump(counters_.backlog_evicted);
+    on_handle_dropped(evicted, /*evicted_from_backlog=*/true);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// deadlines, close, stats
+
+void Scheduler::deadline_loop() {
+  std::unique_lock<Mutex> lock(deadline_mu_);
+  while (!deadline_stop_) {
+    if (deadlines_.empty()) {
+      deadline_cv_.wait(lock);
+      continue;
+    }
+    auto [when, op] = deadlines_.front();
+    if (Clock::now() < when) {
+      deadline_cv_.wait_until(lock, when);
+      continue;
+    }
+    deadlines_.pop_front();
+    lock.unlock();
+    // order: relaxed — advisory exemption, see make_ready().
+    if (op->load_decision() == Decision::kNone &&
+        !op->waiting_token.load(std::memory_order_relaxed)) {
+      // order: acquire — pairs with the publish fetch_ors; reports which half is missing.
+      const uint8_t h = op->halves.load(std::memory_order_acquire);
+      const char* why = !(h & Op::kWorkerPublished)   ? "its worker half never arrived"
+                        : !(h & Op::kTransferPublished) ? "its transfer half never arrived"
+                                                        : "its requirement never held";
+      const double secs = static_cast<double>(config_.op_timeout_ns) / 1e9;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%g", secs);
+      if (decide(op, Decision::kCancel,
+                 "timed out after " + std::string(buf) + " s undecided (" + why + ")"))
+        bump(counters_.timed_out);
+    }
+    lock.lock();
+  }
+}
+
+void Scheduler::close() {
+  // order: acq_rel — publishes the closed state to check_open()/closed() readers; see the
+  // re-checks after insertion in schedule()/enqueue() for why no op can slip past the scan.
+  if (closed_.exchange(true, std::memory_order_acq_rel)) return;
+  std::vector<OpPtr> live;
+  for (auto& sh : shards_) {
+    std::lock_guard<Mutex> lock(sh.mu);
+    for (auto& kv : sh.map)
+      if (!kv.second.removed) live.push_back(kv.second.op);
+  }
+  for (auto& op : live) decide(op, Decision::kCancel);
+  {
+    std::lock_guard<Mutex> lock(deadline_mu_);
+    deadline_stop_ = true;
+    deadlines_.clear();
+  }
+  deadline_cv_.notify_all();
+  if (deadline_thread_.joinable() && deadline_thread_.get_id() != std::this_thread::get_id())
+    deadline_thread_.join();
+  poll_queue_.close();
+  for (auto& s : stripes_) {
+    { std::lock_guard<Mutex> lock(s.mu); }
+    s.cv.notify_all();
+  }
+}
+
+std::vector<std::pair<std::string, double>> Scheduler::stats() const {
+  auto get = [](const Atomic<uint64_t>& c) {
+    // order: relaxed — statistics are a best-effort snapshot.
+    return static_cast<double>(c.load(std::memory_order_relaxed));
+  };
+  size_t slots = 0, pending = 0, removed = 0, finished = 0;
+  {
+    std::shared_lock<SharedMutex> lock(slots_mu_);
+    slots = slots_.size();
+  }
+  {
+    std::lock_guard<Mutex> lock(rid_mu_);
+    for (auto& kv : pending_by_rid_) pending += kv.second.size();
+  }
+  {
+    std::lock_guard<Mutex> lock(const_cast<Mutex&>(removed_mu_));
+    removed = removed_order_.size();
+  }
+  {
+    std::lock_guard<Mutex> lock(const_cast<Mutex&>(finished_mu_));
+    finished = finished_.size();
+  }
+  const uint64_t pos = progress_.load();
+  return {
+      {"slots", static_cast<double>(slots)},
+      {"slots_created", get(counters_.slots_created)},
+      {"slots_removed", get(counters_.slots_removed)},
+      {"enqueued", get(counters_.enqueued)},
+      {"scheduled", get(counters_.scheduled)},
+      {"immediate", get(counters_.immediate)},
+      {"joined", get(counters_.joined)},
+      {"executed", get(counters_.executed)},
+      {"completed", get(counters_.completed)},
+      {"failed", get(counters_.failed)},
+      {"cancelled", get(counters_.cancelled)},
+      {"dropped", get(counters_.dropped)},
+      {"timed_out", get(counters_.timed_out)},
+      {"late_cancelled", get(counters_.late_cancelled)},
+      {"removed_forgotten", get(counters_.removed_forgotten)},
+      {"backlog_evicted", get(counters_.backlog_evicted)},
+      {"inflight", static_cast<double>(tokens_.in_use())},
+      {"peak_inflight", get(counters_.peak_inflight)},
+      {"max_inflight", static_cast<double>(tokens_.capacity())},
+      {"ready_queued", static_cast<double>(ready_.queued())},
+      {"gated", static_cast<double>(gate_.size())},
+      {"pending_transfer_halves", static_cast<double>(pending)},
+      {"removed_memory_size", static_cast<double>(removed)},
+      {"poll_backlog", static_cast<double>(poll_queue_.size())},
+      {"finished_backlog", static_cast<double>(finished)},
+      {"iteration", static_cast<double>(position_iteration(pos))},
+      {"layers_complete",
+       static_cast<double>(position_stage(pos) == kIterationDone ? -1.0
+                                                                 : position_stage(pos))},
+      {"dispatch_latency_count", static_cast<double>(dispatch_latency_.count())},
+      {"dispatch_latency_p50_us", dispatch_latency_.quantile(0.50) / 1e3},
+      {"dispatch_latency_p99_us", dispatch_latency_.quantile(0.99) / 1e3},
+  };
+}
+
+}  // namespace kvsched::core

@@ -1,0 +1,54 @@
+"""kvsched: a KV-cache transfer scheduler for LLM serving engines.
+
+Import never needs a GPU, a driver or cuda-python (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    DuplicateOperationError,
+    HandleDroppedError,
+    InvalidArgumentError,
+    KvschedError,
+    ProtocolError,
+    SchedulerClosedError,
+    SlotBusyError,
+    SlotExistsError,
+    UnknownSlotError,
+)
+from .protocol import (
+    Decision,
+    IterationComplete,
+    LayerComplete,
+    LayerNameComplete,
+    RequestMode,
+    SlotStatus,
+    TransferKind,
+)
+from .scheduler import Handle, Scheduler, TransferSide, WorkerSide
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Scheduler", "Handle", "WorkerSide", "TransferSide",
+    "TransferKind", "RequestMode", "Decision", "SlotStatus",
+    "LayerComplete", "LayerNameComplete", "IterationComplete",
+    "KvschedError", "SlotExistsError", "UnknownSlotError", "SlotBusyError",
+    "DuplicateOperationError", "ProtocolError", "HandleDroppedError", "SchedulerClosedError",
+    "InvalidArgumentError",
+    "BlockPool", "TransferEngine",
+]
+
+
+def __getattr__(name: str):
+    # Transfer classes load lazily so `import kvsched` stays light (no numpy import cost for
+    # scheduler-only users).
+    if name == "BlockPool":
+        from .pool import BlockPool
+
+        return BlockPool
+    if name == "TransferEngine":
+        from .transfer import TransferEngine
+
+        return TransferEngine
+    raise AttributeError(f"module 'kvsched' has no attribute {name!r}")
