@@ -78,6 +78,8 @@ struct Op {
   Atomic<bool> waiting_token{false};
   // The decision reached the user (wait/decision/poll). Exchange(true) claims delivery once.
   Atomic<bool> delivered{false};
+  // Set by the first push into the poll queue, so an op is queued at most once.
+  Atomic<bool> poll_queued{false};
   // Number of live user-facing handle objects (maintained by the binding layer).
   Atomic<int32_t> views{0};
   // Threads blocked in Scheduler::wait_decision on this op (see Note [waiter handshake]).

@@ -42,6 +42,7 @@ Scheduler::Scheduler(const Config& config)
   if (config.max_inflight < 1) throw Error(ErrorCode::kInvalidArgument, "max_inflight must be >= 1");
   if ((shards_.size() & (shards_.size() - 1)) != 0)
     throw Error(ErrorCode::kInvalidArgument, "join_shards must be a power of two");
+  for (auto& sh : shards_) sh.map.reserve(1024);
   if (config_.op_timeout_ns > 0) deadline_thread_ = std::thread([this] { deadline_loop(); });
 }
 
@@ -405,10 +406,17 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
     deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
     deadline_cv_.notify_one();
   }
-  // order: acq_rel — release publishes `requirement` to the worker half; acquire makes the
-  // worker half's kind/slot visible when it published first (then this thread performs the join).
-  const uint8_t halves = op->halves.fetch_or(Op::kTransferPublished, std::memory_order_acq_rel);
+  // order: seq_cst — acq_rel: release publishes `requirement` to the worker half; acquire makes
+  // the worker half's kind/slot visible when it published first (then this thread performs the
+  // join). seq_cst: Note [poll handshake] with decide().
+  const uint8_t halves = op->halves.fetch_or(Op::kTransferPublished, std::memory_order_seq_cst);
   if (halves & Op::kWorkerPublished) on_joined(op);
+  // Decided before this half was published (cancelled or timed out alone): hand it to poll().
+  // order: seq_cst — Note [poll handshake].
+  if (mode == Mode::kScheduled &&
+      op->decision.load(std::memory_order_seq_cst) != static_cast<uint8_t>(Decision::kNone) &&
+      !op->delivered.load(std::memory_order_acquire))
+    push_poll(op);
   // A close() that raced with this call may have scanned the shard before the op was inserted.
   if (closed()) decide(op, Decision::kCancel);
   return op;
@@ -431,9 +439,6 @@ void Scheduler::release_gated(uint64_t position) {
 }
 
 void Scheduler::make_ready(const OpPtr& op) {
-  op->ready_ns = now_ns();
-  // order: relaxed — a unique ticket; its order only matters under ready_mu_.
-  op->ready_seq = ready_seq_.fetch_add(1, std::memory_order_relaxed);
   // order: relaxed — op_timeout exemption is advisory (docs/semantics.md: a deadline that fires
   // before the op became ready still cancels it).
   op->waiting_token.store(true, std::memory_order_relaxed);
@@ -443,6 +448,9 @@ void Scheduler::make_ready(const OpPtr& op) {
     if (!decide(op, Decision::kExecute)) release_token();
     return;
   }
+  op->ready_ns = now_ns();
+  // order: relaxed — a unique ticket; its order only matters under ready_mu_.
+  op->ready_seq = ready_seq_.fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard<Mutex> lock(ready_mu_);
     ready_.push(op);
@@ -490,8 +498,14 @@ bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
     end_op(op, Outcome::kCancelled, std::move(error));
   }
   notify_waiters(*op);
-  // order: acquire — pairs with the exchange in deliver()/PollQueue::pop().
-  if (op->mode == Mode::kScheduled && !op->delivered.load(std::memory_order_acquire)) {
+  // Only ops whose transfer half exists go to poll(): a worker half decided alone (cancelled or
+  // timed out before its transfer half came) has no handle yet; schedule() pushes it when the
+  // transfer half arrives. See Note [poll handshake] for why one of the two always pushes.
+  // order: seq_cst — Note [poll handshake].
+  if (op->mode == Mode::kScheduled &&
+      (op->halves.load(std::memory_order_seq_cst) & Op::kTransferPublished) &&
+      // order: acquire — pairs with the exchange in deliver()/PollQueue::pop().
+      !op->delivered.load(std::memory_order_acquire)) {
     push_poll(op);
   }
   return true;
@@ -610,6 +624,8 @@ bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
 }
 
 void Scheduler::push_poll(const OpPtr& op) {
+  // order: relaxed — only atomicity matters (one push per op); the queue's lock publishes the op.
+  if (op->poll_queued.exchange(true, std::memory_order_relaxed)) return;
   OpPtr evicted = poll_queue_.push(op);
   if (!evicted) return;
   // order: acquire — pairs with the delivery exchange.

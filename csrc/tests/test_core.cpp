@@ -1,0 +1,303 @@
+// C++ tests of the core: `test_core unit` (every rule once, single thread) and
+// `test_core stress [seed] [threads] [ops]` (seeded many-thread run with exact final counts;
+// replay a failure with the seed it prints). Built plain, with TSan and with ASan+UBSan.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "core/scheduler.hpp"
+
+using namespace kvsched::core;
+
+namespace {
+
+Uuid U(uint64_t i) { return Uuid{0x1234, i}; }
+const auto kSoon = [] { return Clock::now() + std::chrono::milliseconds(2000); };
+
+void unit_join_both_orders() {
+  Scheduler s(Config{});
+  s.create_slot("r");
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled);  // worker first
+  auto a = s.schedule("r", U(1), 0, Mode::kScheduled);
+  CHECK(a->load_decision() == Decision::kExecute);
+  auto b = s.schedule("r", U(2), 0, Mode::kScheduled);  // transfer first
+  CHECK(b->load_decision() == Decision::kNone);
+  s.enqueue("r", U(2), Kind::kStore, Mode::kScheduled);
+  CHECK(b->load_decision() == Decision::kExecute);
+  CHECK(!s.is_complete("r"));
+  s.mark_complete(a, true, "");
+  s.mark_complete(b, false, "disk full");
+  CHECK(s.is_complete("r"));
+  auto st = s.slot_status("r");
+  CHECK(st.expected == 2 && st.completed == 1 && st.failed == 1 && st.errors.size() == 1);
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_complete(a, true, ""));
+  CHECK(s.slot_status("r").completed == 1);
+  CHECK(s.take_finished() == std::vector<std::string>{"r"});
+  CHECK(s.take_finished().empty());
+  CHECK_THROWS(ErrorCode::kDuplicate, s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled));
+  CHECK_THROWS(ErrorCode::kDuplicate, s.schedule("r", U(1), 0, Mode::kScheduled));
+  CHECK_THROWS(ErrorCode::kProtocol, s.schedule("other", U(1), 0, Mode::kScheduled));
+  s.remove_slot("r");
+  // Late transfer half after remove: CANCEL at once.
+  auto late = s.schedule("r", U(1), 0, Mode::kScheduled);
+  CHECK(late->load_decision() == Decision::kCancel);
+}
+
+void unit_gating_and_progress() {
+  Config c;
+  c.num_layers = 3;
+  Scheduler s(c);
+  s.create_slot("r");
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_layer_complete(0));
+  CHECK(s.start_next_iteration() == 1);
+  s.enqueue("r", U(1), Kind::kStore, Mode::kScheduled);
+  auto h = s.schedule("r", U(1), layer_requirement(1, 1), Mode::kScheduled);
+  CHECK(h->load_decision() == Decision::kNone);
+  s.mark_layer_complete(0);
+  CHECK(h->load_decision() == Decision::kNone);
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_layer_complete(0));  // repeated
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_layer_complete(2));  // skipped
+  s.mark_layer_complete(1);
+  CHECK(h->load_decision() == Decision::kExecute);
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_layer_complete(3));  // out of range
+  // Iteration complete satisfies every layer of it (engines whose hooks skip layers).
+  s.enqueue("r", U(2), Kind::kStore, Mode::kScheduled);
+  auto g = s.schedule("r", U(2), layer_requirement(2, 1), Mode::kScheduled);
+  CHECK(g->load_decision() == Decision::kNone);
+  s.mark_iteration_complete();
+  CHECK(g->load_decision() == Decision::kExecute);
+  // Requirement already satisfied at join.
+  s.enqueue("r", U(3), Kind::kLoad, Mode::kScheduled);
+  CHECK(s.schedule("r", U(3), iteration_requirement(1), Mode::kScheduled)->load_decision() ==
+        Decision::kExecute);
+}
+
+void unit_tokens_priority() {
+  Config c;
+  c.max_inflight = 1;
+  c.store_starvation_ns = int64_t{1} << 60;
+  Scheduler s(c);
+  s.create_slot("r");
+  std::vector<OpPtr> h;
+  // op 1 takes the token; then store 2, load 3 (later requirement), load 4 queue.
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled);
+  h.push_back(s.schedule("r", U(1), 0, Mode::kScheduled));
+  s.start_next_iteration();
+  s.mark_layer_complete(0);
+  s.mark_layer_complete(1);
+  for (auto [i, k, req] : {std::tuple{2, Kind::kStore, layer_requirement(0, 1)},
+                           std::tuple{3, Kind::kLoad, layer_requirement(1, 1)},
+                           std::tuple{4, Kind::kLoad, layer_requirement(0, 1)}}) {
+    s.enqueue("r", U(i), k, Mode::kScheduled);
+    h.push_back(s.schedule("r", U(i), req, Mode::kScheduled));
+  }
+  CHECK(h[0]->load_decision() == Decision::kExecute);
+  for (int i = 1; i < 4; ++i) CHECK(h[i]->load_decision() == Decision::kNone);
+  s.mark_complete(h[0], true, "");
+  CHECK(h[3]->load_decision() == Decision::kExecute);  // load, earlier requirement
+  s.mark_complete(h[3], true, "");
+  CHECK(h[2]->load_decision() == Decision::kExecute);  // load
+  s.mark_complete(h[2], true, "");
+  CHECK(h[1]->load_decision() == Decision::kExecute);  // store last
+  s.mark_complete(h[1], true, "");
+  CHECK(s.is_complete("r"));
+}
+
+void unit_cancel_remove_reuse() {
+  Scheduler s(Config{});
+  s.create_slot("r");
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled);
+  auto exec = s.schedule("r", U(1), 0, Mode::kScheduled);
+  s.enqueue("r", U(2), Kind::kLoad, Mode::kScheduled);  // undecided: transfer half missing
+  auto gated = s.schedule("r", U(3), iteration_requirement(5), Mode::kScheduled);
+  s.enqueue("r", U(3), Kind::kStore, Mode::kScheduled);
+  s.cancel_slot("r");
+  CHECK(exec->load_decision() == Decision::kExecute);
+  CHECK(gated->load_decision() == Decision::kCancel);
+  CHECK(!s.is_complete("r"));  // executing op runs to its end
+  CHECK_THROWS(ErrorCode::kSlotBusy, s.remove_slot("r"));
+  auto late = s.schedule("r", U(2), 0, Mode::kScheduled);
+  CHECK(late->load_decision() == Decision::kCancel);
+  auto unknown = s.schedule("r", U(9), 0, Mode::kScheduled);  // rid cancelled
+  CHECK(unknown->load_decision() == Decision::kCancel);
+  s.mark_complete(exec, true, "");
+  CHECK(s.is_complete("r"));
+  auto st = s.slot_status("r");
+  CHECK(st.completed == 1 && st.cancelled == 2);
+  s.remove_slot("r");
+  CHECK_THROWS(ErrorCode::kUnknownSlot, s.is_complete("r"));
+  // Reuse: starts clean.
+  auto t_first = s.schedule("r", U(20), 0, Mode::kScheduled);  // before re-creation: rid still cancelled
+  CHECK(t_first->load_decision() == Decision::kCancel);
+  s.create_slot("r");
+  auto t2 = s.schedule("r", U(21), 0, Mode::kScheduled);
+  CHECK(t2->load_decision() == Decision::kNone);
+  s.enqueue("r", U(21), Kind::kLoad, Mode::kScheduled);
+  CHECK(t2->load_decision() == Decision::kExecute);
+  st = s.slot_status("r");
+  CHECK(st.expected == 1 && st.completed == 0 && st.cancelled == 0 && st.errors.empty());
+  // Zero-op slot.
+  s.create_slot("z");
+  CHECK(s.is_complete("z"));
+}
+
+void unit_immediate_held() {
+  Scheduler s(Config{});
+  auto h = s.schedule("r", U(1), 0, Mode::kImmediate);  // before the slot exists
+  CHECK(h->load_decision() == Decision::kExecute);
+  s.mark_complete(h, false, "io error");  // outcome held
+  s.create_slot("r");
+  CHECK(s.is_complete("r"));
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kImmediate);
+  CHECK(s.is_complete("r"));
+  CHECK(s.slot_status("r").failed == 1);
+  // A foreign uuid's outcome never completes the slot.
+  s.enqueue("r", U(2), Kind::kLoad, Mode::kImmediate);
+  auto stray = s.schedule("r", U(3), 0, Mode::kImmediate);
+  s.mark_complete(stray, true, "");
+  CHECK(!s.is_complete("r"));
+  CHECK_THROWS(ErrorCode::kProtocol, s.schedule("r", U(2), 0, Mode::kScheduled));  // mode mismatch
+}
+
+void unit_close_and_timeout() {
+  Config c;
+  c.op_timeout_ns = 50'000'000;
+  Scheduler s(c);
+  s.create_slot("r");
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto st = s.slot_status("r");
+  CHECK(st.cancelled == 1 && st.errors.size() == 1);
+  CHECK(st.errors.size() == 1 && st.errors[0].second.find("timed out") != std::string::npos);
+  auto h = s.schedule("r", U(2), 0, Mode::kScheduled);
+  std::thread waiter([&] { CHECK(s.wait_decision(h, kSoon()) == Decision::kCancel); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  s.close();
+  waiter.join();
+  CHECK_THROWS(ErrorCode::kClosed, s.create_slot("x"));
+  s.close();  // idempotent
+}
+
+int run_unit() {
+  unit_join_both_orders();
+  unit_gating_and_progress();
+  unit_tokens_priority();
+  unit_cancel_remove_reuse();
+  unit_immediate_held();
+  unit_close_and_timeout();
+  return kvsched::test::failures();
+}
+
+// Many threads: each request gets a worker thread and a transfer thread racing both halves,
+// executors mark, a canceller cancels some rids. Final counts must be exact.
+int run_stress(uint64_t seed, int threads, int ops_per_thread) {
+  Config c;
+  c.max_inflight = 4;
+  Scheduler s(c);
+  std::atomic<int64_t> executing{0};
+  std::atomic<int64_t> max_seen{0};
+  std::atomic<uint64_t> executed{0}, cancelled{0};
+  const int pairs = threads / 2;
+  std::vector<std::thread> ts;
+  for (int p = 0; p < pairs; ++p) {
+    const std::string rid = "r" + std::to_string(p);
+    s.create_slot(rid);
+    ts.emplace_back([&, p, rid] {  // worker side
+      std::mt19937_64 rng(seed * 7919 + p);
+      for (int i = 0; i < ops_per_thread; ++i) {
+        s.enqueue(rid, Uuid{static_cast<uint64_t>(p) + 1, static_cast<uint64_t>(i)},
+                  (rng() & 1) ? Kind::kLoad : Kind::kStore, Mode::kScheduled);
+        if ((rng() & 63) == 0) std::this_thread::yield();
+      }
+    });
+    ts.emplace_back([&, p, rid] {  // transfer side: schedules, never waits
+      std::mt19937_64 rng(seed * 104729 + p);
+      for (int i = 0; i < ops_per_thread; ++i) {
+        s.schedule(rid, Uuid{static_cast<uint64_t>(p) + 1, static_cast<uint64_t>(i)}, 0,
+                   Mode::kScheduled);
+        if (p == 0 && i == ops_per_thread / 2) s.cancel_slot(rid);  // cancel racing schedule
+        if ((rng() & 63) == 0) std::this_thread::yield();
+      }
+    });
+  }
+  // Executors take decided ops through poll() and mark them; they stop when every op is seen.
+  const uint64_t total = static_cast<uint64_t>(pairs) * ops_per_thread;
+  std::atomic<uint64_t> seen{0};
+  for (int e = 0; e < 2; ++e) {
+    ts.emplace_back([&] {
+      const auto give_up = Clock::now() + std::chrono::seconds(60);
+      while (seen.load() < total && Clock::now() < give_up) {
+        for (auto& op : s.poll(16, Clock::now() + std::chrono::milliseconds(20))) {
+          if (op->load_decision() == Decision::kExecute) {
+            int64_t now = executing.fetch_add(1) + 1;
+            int64_t m = max_seen.load();
+            while (now > m && !max_seen.compare_exchange_weak(m, now)) {
+            }
+            executing.fetch_sub(1);
+            executed.fetch_add(1);
+            s.mark_complete(op, true, "");
+          } else {
+            CHECK(op->load_decision() == Decision::kCancel);
+            cancelled.fetch_add(1);
+          }
+          seen.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  if (seen.load() != total) std::fprintf(stderr, "seen %llu of %llu\n", (unsigned long long)seen.load(), (unsigned long long)total);
+  CHECK(seen.load() == total);
+  uint64_t total_completed = 0, total_cancelled = 0;
+  for (int p = 0; p < pairs; ++p) {
+    const std::string rid = "r" + std::to_string(p);
+    CHECK(s.is_complete(rid));
+    auto st = s.slot_status(rid);
+    CHECK(st.expected == static_cast<uint64_t>(ops_per_thread));
+    CHECK(st.completed + st.failed + st.cancelled == st.expected);
+    total_completed += st.completed;
+    total_cancelled += st.cancelled;
+  }
+  CHECK(total_completed == executed.load());
+  CHECK(total_cancelled == cancelled.load());
+  CHECK(max_seen.load() <= c.max_inflight);
+  for (auto& kv : s.stats()) {
+    if (kv.first == "peak_inflight") CHECK(kv.second <= c.max_inflight);
+    if (kv.first == "inflight") CHECK(kv.second == 0);
+  }
+  if (kvsched::test::failures())
+    std::fprintf(stderr, "stress failed: replay with `test_core stress %llu %d %d`\n",
+                 static_cast<unsigned long long>(seed), threads, ops_per_thread);
+  return kvsched::test::failures();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "unit";
+  if (mode == "unit") {
+    int f = run_unit();
+    std::printf("unit: %s\n", f ? "FAILED" : "ok");
+    return f ? 1 : 0;
+  }
+  if (mode == "stress") {
+    const char* env = std::getenv("KVSCHED_STRESS");
+    const bool longer = env && std::strcmp(env, "long") == 0;
+    int threads = argc > 3 ? std::atoi(argv[3]) : 8;
+    int ops = argc > 4 ? std::atoi(argv[4]) : (longer ? 20000 : 2000);
+    uint64_t first = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
+    int seeds = argc > 2 ? 1 : (longer ? 50 : 5);
+    for (int i = 0; i < seeds; ++i) {
+      if (run_stress(first + i, threads, ops)) return 1;
+    }
+    std::printf("stress: %d seeds x %d threads x %d ops: ok\n", seeds, threads, ops);
+    return 0;
+  }
+  std::fprintf(stderr, "usage: test_core unit | stress [seed] [threads] [ops]\n");
+  return 2;
+}
