@@ -125,6 +125,11 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
       if (it->second.removed)
         fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
       op = it->second.op;
+      // order: relaxed — a worker claim on this cell is only made under this shard lock (held),
+      // so this read sees every earlier worker claim.
+      if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
+        fail(ErrorCode::kDuplicate, rid, &uuid,
+             "worker half already enqueued (for request '" + op->rid + "')");
       if (op->rid != rid)
         fail(ErrorCode::kProtocol, rid, &uuid,
              "halves disagree on the request id (transfer half says '" + op->rid + "')");
@@ -132,10 +137,6 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
         fail(ErrorCode::kProtocol, rid, &uuid,
              std::string("halves disagree on the mode (transfer half is ") + mode_name(op->mode) +
                  ", worker half " + mode_name(mode) + ")");
-      // order: relaxed — worker claims of one uuid are serialised by slot->mu (a uuid maps to one
-      // rid, checked above), so this is only a read of our own side's bit.
-      if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
-        fail(ErrorCode::kDuplicate, rid, &uuid, "worker half already enqueued");
     } else {
       op = std::make_shared<Op>(uuid, rid, mode);
       created = true;
@@ -364,6 +365,10 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
         late = true;  // S6: a late half of a removed slot is decided CANCEL at once
       } else {
         op = it->second.op;
+        // order: relaxed — transfer claims are only made under this shard lock (held).
+        if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
+          fail(ErrorCode::kDuplicate, rid, &uuid,
+               "transfer half already scheduled (for request '" + op->rid + "')");
         if (op->rid != rid)
           fail(ErrorCode::kProtocol, rid, &uuid,
                "halves disagree on the request id (worker half says '" + op->rid + "')");
@@ -371,11 +376,9 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
           fail(ErrorCode::kProtocol, rid, &uuid,
                std::string("halves disagree on the mode (worker half is ") + mode_name(op->mode) +
                    ", transfer half " + mode_name(mode) + ")");
-        // order: relaxed — detects a duplicate transfer half atomically (transfer claims of one
-        // uuid are serialised by this shard lock); it publishes nothing.
-        if (op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed) &
-            Op::kTransferClaimed)
-          fail(ErrorCode::kDuplicate, rid, &uuid, "transfer half already scheduled");
+        // order: relaxed — claims publish nothing; the fields are published by the release in
+        // the kTransferPublished fetch_or.
+        op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);
       }
     } else {
       // rid_mu_ under the shard lock: "is the rid cancelled?" and "register as pending" must be
