@@ -116,10 +116,19 @@ Uuid to_uuid_impl(py::handle obj) {
     return u;
   }
   if (PyObject_IsInstance(o, refs().uuid_cls.ptr()) == 1) {
-    py::int_ value = obj.attr("int");
-    u.lo = PyLong_AsUnsignedLongLongMask(value.ptr());
-    py::object high = value >> py::int_(64);
-    u.hi = PyLong_AsUnsignedLongLongMask(high.ptr());
+    static PyObject* int_name = PyUnicode_InternFromString("int");
+    py::object value = py::reinterpret_steal<py::object>(PyObject_GetAttr(o, int_name));
+    if (!value || !PyLong_Check(value.ptr())) throw py::type_error("uuid.UUID without an int value");
+    unsigned char b[16];
+    // Big-endian, unsigned: the 16 bytes of the uuid (the signature grew an argument in 3.13).
+#if PY_VERSION_HEX >= 0x030D0000
+    int rc = _PyLong_AsByteArray(reinterpret_cast<PyLongObject*>(value.ptr()), b, 16, 0, 0, 1);
+#else
+    int rc = _PyLong_AsByteArray(reinterpret_cast<PyLongObject*>(value.ptr()), b, 16, 0, 0);
+#endif
+    if (rc < 0) throw py::error_already_set();
+    for (int i = 0; i < 8; ++i) u.hi = (u.hi << 8) | b[i];
+    for (int i = 8; i < 16; ++i) u.lo = (u.lo << 8) | b[i];
     return u;
   }
   throw py::type_error("uuid must be a uuid.UUID, 16 bytes or a str, not " +
@@ -156,13 +165,16 @@ int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
 
 template <class F>
 auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f()) {
-  std::string where = "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
+  // The prefix is built only on the error path: formatting a uuid costs more than the call.
+  auto where = [&] {
+    return "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
+  };
   try {
     return f();
   } catch (const Error& e) {
-    throw Error(e.code(), where + e.what());
+    throw Error(e.code(), where() + e.what());
   } catch (const py::type_error& e) {
-    throw py::type_error(where + e.what());
+    throw py::type_error(where() + e.what());
   }
 }
 

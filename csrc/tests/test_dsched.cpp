@@ -32,6 +32,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <set>
 #include <sstream>
 #include <string>
@@ -41,6 +42,56 @@
 
 namespace ds = kvsched::dsched;
 using namespace kvsched::core;
+
+// ------------------------------------------------------------------------------------------------
+// Deterministic addresses (modulo 64) for replay.
+//
+// The core picks a wait stripe from an op's address (std::hash<const void*>, the identity in
+// libstdc++, modulo 64 stripes), so whether two waiting ops share a stripe, and with it the
+// schedule, would depend on the heap's history: a seed would not replay alone as it ran in a
+// sequence. This replacement operator new places every block at an offset modulo 64 chosen by a
+// per-run allocation counter (reset before each seed); allocations happen in a deterministic order
+// (main before the run, then under the baton), so a seed's addresses modulo 64 are the same in
+// every run. Not under ASan, whose own allocator must see the exact block sizes.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(KVSCHED_DSCHED_PLAIN_NEW)
+namespace {
+std::atomic<uint64_t> g_alloc_count{0};
+constexpr size_t kAllocPad = 128;  // room to align to 64 and add an offset < 64, plus a header
+void* det_alloc(size_t n) {
+  void* raw = std::malloc(n + kAllocPad);
+  if (!raw) return nullptr;
+  const uint64_t k = g_alloc_count.fetch_add(1, std::memory_order_relaxed);
+  uintptr_t p = (reinterpret_cast<uintptr_t>(raw) + sizeof(void*) + 63) & ~uintptr_t{63};
+  p += 16 * (k % 4);
+  reinterpret_cast<void**>(p)[-1] = raw;
+  return reinterpret_cast<void*>(p);
+}
+void det_free(void* p) {
+  if (p) std::free(reinterpret_cast<void**>(p)[-1]);
+}
+void reset_alloc_order() { g_alloc_count.store(0, std::memory_order_relaxed); }
+}  // namespace
+void* operator new(size_t n) {
+  if (void* p = det_alloc(n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](size_t n) {
+  if (void* p = det_alloc(n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(size_t n, const std::nothrow_t&) noexcept { return det_alloc(n); }
+void* operator new[](size_t n, const std::nothrow_t&) noexcept { return det_alloc(n); }
+void operator delete(void* p) noexcept { det_free(p); }
+void operator delete[](void* p) noexcept { det_free(p); }
+void operator delete(void* p, size_t) noexcept { det_free(p); }
+void operator delete[](void* p, size_t) noexcept { det_free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { det_free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { det_free(p); }
+#else
+namespace {
+void reset_alloc_order() {}
+}  // namespace
+#endif
 
 namespace {
 
@@ -919,6 +970,7 @@ int main(int argc, char** argv) {
     uint64_t steps = 0, switches = 0, jumps = 0, failures = 0, abandoned = 0, ran = 0;
     uint64_t aux_skipped = 0;
     for (uint64_t seed = first; seed < first + seeds; ++seed) {
+      reset_alloc_order();
       const ds::Result r = e.fn(seed, options_for(seed, e));
       ++ran;
       steps += r.steps;
@@ -928,6 +980,7 @@ int main(int argc, char** argv) {
       size_t total = 0;
       std::vector<std::string> msgs = ds::Log::take(&total);
       if (replay_check && !r.abandoned && total == 0) {
+        reset_alloc_order();
         const ds::Result again = e.fn(seed, options_for(seed, e));
         size_t t2 = 0;
         ds::Log::take(&t2);
