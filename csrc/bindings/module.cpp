@@ -17,6 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../bench/core_bench.hpp"
 #include "../core/scheduler.hpp"
 
 namespace py = pybind11;
@@ -272,17 +273,17 @@ bool to_timeout(py::handle timeout, double* seconds) {
 // caller still holds it.
 class Handle {
  public:
-  Handle(StatePtr state, OpPtr op) : state_(std::move(state)), op_(std::move(op)) {
+  // adopt_view: the op already carries a view reference for us (from Scheduler::poll).
+  Handle(StatePtr state, OpPtr op, bool adopt_view)
+      : state_(std::move(state)), op_(std::move(op)) {
     // order: release — pairs with the acquire in Scheduler::on_handle_dropped().
-    op_->views.fetch_add(1, std::memory_order_release);
+    if (!adopt_view) op_->views.fetch_add(1, std::memory_order_release);
     op_->binding_view = this;
   }
   ~Handle() {
     if (op_->binding_view == this) op_->binding_view = nullptr;
-    // order: release — pairs with the acquire in Scheduler::on_handle_dropped().
-    op_->views.fetch_sub(1, std::memory_order_release);
     try {
-      if (state_->sched.on_handle_dropped(op_)) {
+      if (state_->sched.release_view(op_)) {
         refs().on_dropped(op_->rid, op_->uuid.str());
       }
     } catch (...) {
@@ -291,10 +292,17 @@ class Handle {
     }
   }
 
-  static py::object wrap(const StatePtr& state, const OpPtr& op) {
-    if (op->binding_view)
-      return py::cast(static_cast<Handle*>(op->binding_view), py::return_value_policy::reference);
-    return py::cast(new Handle(state, op), py::return_value_policy::take_ownership);
+  // The handle object of `op`: the live one if there is one (so poll() returns the very object
+  // schedule() returned), else a new one. `has_view`: the op carries a view reference from
+  // Scheduler::poll, which the handle adopts (or gives back when a live one exists).
+  static py::object wrap(const StatePtr& state, const OpPtr& op, bool has_view = false) {
+    if (op->binding_view) {
+      py::object live =
+          py::cast(static_cast<Handle*>(op->binding_view), py::return_value_policy::reference);
+      if (has_view) state->sched.release_view(op);  // the live handle holds a view: never the last
+      return live;
+    }
+    return py::cast(new Handle(state, op, has_view), py::return_value_policy::take_ownership);
   }
 
   py::object decision() {
@@ -385,6 +393,28 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(cls.ptr(), e.what());
     }
   });
+
+  m.def("_bench_core",
+        [](long ops) {
+          kvsched::bench::CoreBenchResult r;
+          {
+            py::gil_scoped_release nogil;
+            r = kvsched::bench::run_core_bench(ops);
+          }
+          return py::make_tuple(r.ops, r.seconds);
+        },
+        py::arg("ops"), "Run the core benchmark loop without Python; returns (ops, seconds).");
+  m.def("_spin",
+        [](double seconds) {
+          // Busy CPU work with the GIL released: the simulated layer compute of kvsched-bench.
+          py::gil_scoped_release nogil;
+          const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(seconds));
+          volatile uint64_t x = 0;
+          while (Clock::now() < end)
+            for (int i = 0; i < 256; ++i) x = x + static_cast<uint64_t>(i);
+        },
+        py::arg("seconds"), "Busy-wait on the CPU for `seconds` with the GIL released.");
 
   py::class_<Handle>(m, "Handle", "A decided-or-pending transfer operation (SPEC section 3).")
       .def_property_readonly("decision", &Handle::decision,
@@ -506,7 +536,7 @@ PYBIND11_MODULE(_core, m) {
                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
              }
              py::list out;
-             for (auto& op : ops) out.append(Handle::wrap(t.s, op));
+             for (auto& op : ops) out.append(Handle::wrap(t.s, op, /*has_view=*/true));
              return out;
            },
            py::arg("max_items") = 64, py::arg("timeout") = 0.0);

@@ -20,11 +20,16 @@ namespace kvsched::core {
 
 class Gate {
  public:
-  // Returns true if the op was parked; false if its requirement already holds (the caller makes
-  // it ready).
+  // Returns true if the op was parked, or was decided meanwhile (nothing left to do); false if its
+  // requirement already holds (the caller makes it ready).
   bool add_unless_ready(const OpPtr& op, const Progress& progress) {
     std::lock_guard<Mutex> lock(mu_);
     if (progress.holds(op->requirement)) return false;
+    // A CANCEL decided after the caller's own check would erase() before this insert and miss it,
+    // leaving a cancelled op parked (found by test_dsched, scenario cancel). decide() makes its CAS
+    // before it takes this lock in erase(), so re-checking here closes the gap: either erase()
+    // runs after this insert, or this check sees the decision.
+    if (op->load_decision() != Decision::kNone) return true;
     waiting_.emplace(op->requirement, op);
     return true;
   }

@@ -38,17 +38,34 @@ class PollQueue {
   }
 
   // Waits until something is available, the queue is closed, or `deadline` passes.
+  //
+  // Each returned op carries one view reference "in transit" (Op::views incremented before its
+  // delivery is claimed): the binding layer adopts it into a handle object. Without it, the last
+  // old handle object of the op could be collected between the claim and the new handle, and
+  // would see "delivered, no view" and fail the op as dropped. See Note [handle views].
+  // Ops found already delivered are appended to `skipped` with their transit reference released;
+  // the caller re-checks them for a drop (their last view may have gone meanwhile).
   template <class Clock, class Duration>
-  std::vector<OpPtr> pop(size_t max_items, std::chrono::time_point<Clock, Duration> deadline) {
+  std::vector<OpPtr> pop(size_t max_items, std::chrono::time_point<Clock, Duration> deadline,
+                         std::vector<OpPtr>* skipped) {
     std::vector<OpPtr> out;
     std::unique_lock<Mutex> lock(mu_);
     for (;;) {
       while (!queue_.empty() && out.size() < max_items) {
         OpPtr op = std::move(queue_.front());
         queue_.pop_front();
+        // order: acq_rel — the transit view must be visible before the delivery claim below is
+        // (release of the exchange), pairs with Scheduler::on_handle_dropped's acquire loads.
+        op->views.fetch_add(1, std::memory_order_acq_rel);
         // order: acq_rel — claims delivery exactly once against Scheduler::deliver(); acquire
         // sees the decision published before the op was pushed.
-        if (!op->delivered.exchange(true, std::memory_order_acq_rel)) out.push_back(std::move(op));
+        if (!op->delivered.exchange(true, std::memory_order_acq_rel)) {
+          out.push_back(std::move(op));
+        } else {
+          // order: acq_rel — gives the transit view back; pairs as above.
+          op->views.fetch_sub(1, std::memory_order_acq_rel);
+          skipped->push_back(std::move(op));
+        }
       }
       if (!out.empty() || closed_ || max_items == 0) return out;
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {

@@ -589,7 +589,10 @@ Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
 
 std::vector<OpPtr> Scheduler::poll(size_t max_items, Clock::time_point deadline) {
   check_open("-", nullptr);
-  return poll_queue_.pop(max_items, deadline);
+  std::vector<OpPtr> skipped;
+  auto out = poll_queue_.pop(max_items, deadline, &skipped);
+  for (auto& op : skipped) on_handle_dropped(op);
+  return out;
 }
 
 bool Scheduler::deliver(const OpPtr& op) {
@@ -611,11 +614,14 @@ void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error
 }
 
 bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
-  // order: acquire — pairs with the binding layer's release decrement of the view count.
-  if (op->views.load(std::memory_order_acquire) != 0) return false;
-  // Undelivered and still pollable: dropping withdraws nothing (S4); poll() will hand it out.
+  // Delivery first, then views: see Note [handle views]. A poller increments views before it
+  // claims delivery, so if we see its claim (acquire) we also see its transit view.
   // order: acquire — pairs with the delivery exchange in deliver()/PollQueue::pop().
-  if (!evicted_from_backlog && !op->delivered.load(std::memory_order_acquire)) return false;
+  const bool delivered = op->delivered.load(std::memory_order_acquire);
+  // Undelivered and still pollable: dropping withdraws nothing (S4); poll() will hand it out.
+  if (!evicted_from_backlog && !delivered) return false;
+  // order: acquire — pairs with the release decrements of the binding layer and of poll().
+  if (op->views.load(std::memory_order_acquire) != 0) return false;
   if (op->load_decision() != Decision::kExecute || op->load_outcome() != Outcome::kOpen)
     return false;
   const bool failed = end_op(op, Outcome::kFailed,
@@ -624,6 +630,12 @@ bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
                                  "mark_complete(); the transfer is treated as failed");
   if (failed) bump(counters_.dropped);
   return failed;
+}
+
+bool Scheduler::release_view(const OpPtr& op) {
+  // order: release — pairs with the acquire loads in on_handle_dropped().
+  op->views.fetch_sub(1, std::memory_order_release);
+  return on_handle_dropped(op);
 }
 
 void Scheduler::push_poll(const OpPtr& op) {

@@ -94,7 +94,12 @@ class Scheduler {
   // Waits until `op` is decided, the scheduler closes, or `deadline`. Returns the decision
   // (kNone on timeout or close).
   Decision wait_decision(const OpPtr& op, Clock::time_point deadline);
+  // Each returned op carries one view reference for the caller to adopt (Op::views); a caller
+  // that creates no handle object must give it back with release_view().
   std::vector<OpPtr> poll(size_t max_items, Clock::time_point deadline);
+  // Gives back one view reference; fails the op as dropped if it was the last one (see
+  // on_handle_dropped). Returns true then.
+  bool release_view(const OpPtr& op);
   // ok=false marks the op failed with `error`. Throws ProtocolError for a second mark or for an op
   // not decided EXECUTE, and changes nothing then.
   void mark_complete(const OpPtr& op, bool ok, const std::string& error);

@@ -167,16 +167,16 @@ class Sched {
   Result run_main() {
     Sched* expected = nullptr;
     if (!detail::g_active.compare_exchange_strong(expected, this)) die("nested DSched runs");
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      running_ = choose(candidates(-1));
-    }
+    // Create every thread before any runs, so that nothing (allocation included) happens
+    // concurrently with the first scheduled step.
     std::vector<std::thread> ts;
     ts.reserve(threads_.size());
     for (int i = 0; i < static_cast<int>(threads_.size()); ++i)
       ts.emplace_back([this, i] { thread_main(i); });
     {
       std::unique_lock<std::mutex> lock(m_);
+      running_ = choose(candidates(-1));
+      threads_[running_].cv.notify_one();
       uint64_t last = steps_atomic_.load(std::memory_order_relaxed);
       auto last_change = std::chrono::steady_clock::now();
       while (!all_done_ && !abandoned_) {

@@ -41,7 +41,7 @@ void unit_join_both_orders() {
   CHECK(s.take_finished().empty());
   CHECK_THROWS(ErrorCode::kDuplicate, s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled));
   CHECK_THROWS(ErrorCode::kDuplicate, s.schedule("r", U(1), 0, Mode::kScheduled));
-  CHECK_THROWS(ErrorCode::kProtocol, s.schedule("other", U(1), 0, Mode::kScheduled));
+  CHECK_THROWS(ErrorCode::kDuplicate, s.schedule("other", U(1), 0, Mode::kScheduled));
   s.remove_slot("r");
   // Late transfer half after remove: CANCEL at once.
   auto late = s.schedule("r", U(1), 0, Mode::kScheduled);
@@ -245,6 +245,7 @@ int run_stress(uint64_t seed, int threads, int ops_per_thread) {
             CHECK(op->load_decision() == Decision::kCancel);
             cancelled.fetch_add(1);
           }
+          CHECK(!s.release_view(op));  // marked or cancelled: giving the view back drops nothing
           seen.fetch_add(1);
         }
       }

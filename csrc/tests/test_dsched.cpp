@@ -925,6 +925,114 @@ ds::Result scenario_remove(uint64_t seed, ds::Options opt) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 7. poll-driven executors: every SCHEDULED op with a transfer half reaches poll() exactly once,
+//    including ops cancelled while only their worker half existed (Note [poll handshake]).
+
+ds::Result scenario_poll(uint64_t seed, ds::Options opt) {
+  Pick p(seed);
+  Config c = tiny(p, 1 + static_cast<int64_t>(p.below(2)));
+  const int n = 4;
+  // No eviction here: a held handle evicted from the backlog is its holder's to wait on, and this
+  // scenario's executors only poll (eviction is exercised by the other scenarios).
+  c.poll_backlog = n;
+  auto w = std::make_unique<World>(c);
+  for (int i = 0; i < n; ++i) {
+    OpRec r;
+    r.rid = "r";
+    r.u = U(i);
+    r.kind = p.coin() ? Kind::kLoad : Kind::kStore;
+    r.req = p.below(3) == 0 ? layer_requirement(0, 1) : 0;
+    r.exec_yields = static_cast<int>(p.below(2));
+    w->recs.push_back(r);
+  }
+  std::vector<int> worder = {0, 1, 2, 3}, torder = {0, 1, 2, 3};
+  p.shuffle(worder);
+  p.shuffle(torder);
+  const bool cancel = p.below(3) != 0;
+  const int cancel_delay = static_cast<int>(p.below(80));
+  w->s->create_slot("r");
+  World& W = *w;
+  auto polled = std::make_shared<std::vector<const Op*>>();
+  std::vector<ds::ThreadSpec> ts;
+  ts.push_back({"worker", [&W, worder] {
+                  for (int i : worder) {
+                    OpRec& r = W.recs[i];
+                    W.s->enqueue(r.rid, r.u, r.kind, r.mode);
+                    r.enqueued = true;
+                  }
+                }});
+  ts.push_back({"transfer", [&W, torder] {
+                  for (int i : torder) {
+                    OpRec& r = W.recs[i];
+                    OpPtr op = W.s->schedule(r.rid, r.u, r.req, r.mode);
+                    hold(op);  // held until the end of the run, never waited on
+                    r.op = op;
+                  }
+                }});
+  ts.push_back({"progress", [&W] {
+                  W.s->start_next_iteration();
+                  W.s->mark_layer_complete(0);
+                }});
+  if (cancel)
+    ts.push_back({"cancel", [&W, cancel_delay] {
+                    ds::yield_points(cancel_delay);
+                    W.s->cancel_slot("r");
+                  }});
+  for (int e = 0; e < 2; ++e)
+    ts.push_back({cat("poller", e), [&W, polled, n] {
+                    for (;;) {
+                      if (static_cast<int>(polled->size()) == n) return;
+                      // A finite deadline only expires at quiescence (DSched's logical clock).
+                      auto got = W.s->poll(2, Clock::now() + std::chrono::hours(1));
+                      if (got.empty()) {
+                        DS_CHECK(static_cast<int>(polled->size()) == n, "quiescent, but only ",
+                                 polled->size(), " of ", n, " ops reached poll()");
+                        return;
+                      }
+                      for (auto& op : got) {
+                        DS_CHECK(std::find(polled->begin(), polled->end(), op.get()) ==
+                                     polled->end(),
+                                 "poll returned ", op->uuid.str(), " twice");
+                        polled->push_back(op.get());
+                        const Decision d = op->load_decision();
+                        DS_CHECK(d != Decision::kNone, "poll returned undecided ", op->uuid.str());
+                        DS_CHECK(op->halves.load() & Op::kTransferPublished, "poll returned ",
+                                 op->uuid.str(), " without its transfer half");
+                        const int idx = static_cast<int>(op->uuid.hi - U(0).hi);
+                        W.recs[idx].seen = d;
+                        if (d == Decision::kExecute) {
+                          hold(op);
+                          execute(W, idx, op);
+                          unhold(*W.s, op);
+                        }
+                      }
+                    }
+                  }});
+  opt.invariant = [&W] { common_invariant(W); };
+  ds::Result res = ds::run(opt, std::move(ts));
+  if (res.abandoned) return finish(w, res);
+
+  Scheduler& s = *w->s;
+  check_outcomes(*w);
+  check_suspicious(*w);
+  uint64_t ok = 0, failed = 0, cancelled = 0;
+  for (auto& r : w->recs) {
+    DS_CHECK(r.seen != Decision::kNone, r.u.str(), " never polled");
+    DS_CHECK(cancel || r.seen == Decision::kExecute, r.u.str(), " saw ", dname(r.seen),
+             " without a cancel");
+    const Outcome o = r.op->load_outcome();
+    ok += o == Outcome::kCompleted;
+    failed += o == Outcome::kFailed;
+    cancelled += o == Outcome::kCancelled;
+  }
+  DS_CHECK(stat(s, "inflight") == 0, "tokens still in use: ", stat(s, "inflight"));
+  DS_CHECK(stat(s, "gated") == 0, "ops left gated: ", stat(s, "gated"));
+  DS_CHECK(stat(s, "poll_backlog") == 0, "poll queue not drained: ", stat(s, "poll_backlog"));
+  check_slot(s, "r", n, ok, failed, cancelled);
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------------
 // driver
 
 struct Entry {
@@ -937,6 +1045,7 @@ const Entry kScenarios[] = {
     {"join", scenario_join, 400},     {"tokens", scenario_tokens, 900},
     {"cancel", scenario_cancel, 900}, {"gating", scenario_gating, 1200},
     {"close", scenario_close, 900},   {"remove", scenario_remove, 900},
+    {"poll", scenario_poll, 900},
 };
 
 ds::Options options_for(uint64_t seed, const Entry& e) {

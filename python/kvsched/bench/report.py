@@ -1,0 +1,110 @@
+"""Output of kvsched-bench: rich tables on the terminal, the JSON of SPEC section 5, the PNG."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(x: float, unit: str = "") -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M{unit}"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k{unit}"
+    return f"{x:.2f}{unit}"
+
+
+def print_report(result: dict[str, Any], console: Console) -> None:
+    s = result["scheduler"]
+    t = Table(title=f"scheduler ({result['device']})", show_lines=False)
+    t.add_column("path")
+    t.add_column("ops/s", justify="right")
+    t.add_column("vs reference", justify="right")
+    ref = s["reference_ops_per_s"]
+    for name, key in (("C++ core alone", "core_ops_per_s"), ("Python API", "python_ops_per_s"),
+                      ("Python API, batched calls", "python_batch_ops_per_s"),
+                      ("reference model (pure Python)", "reference_ops_per_s")):
+        t.add_row(name, _f(s[key]), f"{s[key] / ref:.1f}x")
+    for n, v in s.get("threads", {}).items():
+        t.add_row(f"Python API, {n} thread(s)", _f(v), f"{v / ref:.1f}x")
+    console.print(t)
+    lat = s["dispatch_latency_us"]
+    console.print(f"layer-complete -> decision latency (core): p50 {lat['p50']:.1f} us, "
+                  f"p99 {lat['p99']:.1f} us")
+
+    tr = result["transfer"]
+    t = Table(title=f"transfers ({result['backend']} backend): scattered blocks")
+    for col in ("direction", "block", "blocks", "peak GB/s", "kvsched GB/s", "per-block GB/s",
+                "kvsched/peak", "kvsched/per-block"):
+        t.add_column(col, justify="right")
+    for row in tr.get("rows", []):
+        t.add_row(row["direction"], _size(row["block_bytes"]), str(row["blocks"]),
+                  f"{row['peak_gbps']:.2f}", f"{row['kvsched_gbps']:.2f}",
+                  f"{row['per_block_gbps']:.2f}", f"{row['kvsched_gbps'] / row['peak_gbps']:.2f}",
+                  f"{row['kvsched_gbps'] / row['per_block_gbps']:.2f}")
+    console.print(t)
+
+    e = result["engine"]
+    t = Table(title="engine simulation")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("layers x iterations x requests", f"{e['layers']} x {e['iterations']} x {e['requests']}")
+    t.add_row("compute only (s)", f"{e['compute_s']:.3f}")
+    t.add_row("transfers only (s)", f"{e['transfer_s']:.3f}")
+    t.add_row("both (s)", f"{e['wall_s']:.3f}")
+    t.add_row("transfer time hidden", f"{100 * e['hidden_fraction']:.0f} %")
+    t.add_row("ops / failed", f"{e['ops']} / {e['failed_ops']}")
+    t.add_row("mark -> executor handoff p50 / p99 (us)",
+              f"{e['handoff_latency_us']['p50']:.0f} / {e['handoff_latency_us']['p99']:.0f}")
+    console.print(t)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n < 1 << 20 else f"{n // (1 << 20)} MiB"
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    data = {k: v for k, v in result.items()}
+    data["engine"] = {k: v for k, v in result["engine"].items() if k != "timeline"}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_plot(result: dict[str, Any], path: str) -> None:
+    """Bandwidth against block size, and the overlap timeline of the engine simulation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # optional extra
+        raise SystemExit(f"--plot needs matplotlib: pip install 'kvsched[plot]' ({exc})")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    rows = result["transfer"].get("rows", [])
+    for direction in sorted({r["direction"] for r in rows}):
+        rs = sorted((r for r in rows if r["direction"] == direction), key=lambda r: r["block_bytes"])
+        xs = [r["block_bytes"] / 1024 for r in rs]
+        for key, style, label in (("peak_gbps", "--", "contiguous peak"),
+                                  ("kvsched_gbps", "-o", "kvsched"),
+                                  ("per_block_gbps", ":x", "one copy per block")):
+            ax1.plot(xs, [r[key] for r in rs], style, label=f"{direction}: {label}")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("block size (KiB)")
+    ax1.set_ylabel("GB/s")
+    ax1.set_title(f"scattered block copies ({result['backend']})")
+    ax1.legend(fontsize=7)
+    tl = result["engine"]["timeline"]
+    for y, (name, spans, color) in enumerate((("compute", tl.compute, "tab:blue"),
+                                             ("loads", tl.loads, "tab:green"),
+                                             ("stores", tl.stores, "tab:orange"))):
+        ax2.broken_barh([(a, max(b - a, 1e-5)) for a, b in spans], (y - 0.4, 0.8), color=color)
+    ax2.set_yticks([0, 1, 2], ["compute", "loads", "stores"])
+    ax2.set_xlabel("seconds")
+    e = result["engine"]
+    ax2.set_title(f"engine timeline: {100 * e['hidden_fraction']:.0f}% of transfer time hidden")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

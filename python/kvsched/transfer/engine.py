@@ -1,0 +1,276 @@
+"""``TransferEngine``: moves the blocks of decided operations and marks their handles (SPEC 4).
+
+The scheduler decides *when* an operation may run; the engine moves its bytes. ``submit`` checks
+everything first (the handle is decided EXECUTE, block ids are in range, the pools match, the
+layers exist), then hands the job to a backend and returns at once; the backend marks the handle
+complete when the bytes have landed, or failed with the reason.
+
+Backends: ``"host"`` (numpy on worker threads; CPU-only machines) and ``"cuda"`` (copy streams,
+events and one reaper thread; see :mod:`kvsched.transfer.cuda`). ``"auto"`` picks cuda when
+cuda-python imports and a device is usable, else host, and logs why on the ``kvsched`` logger.
+A cuda engine still runs host-to-host jobs, on an internal host backend.
+
+Backpressure policy: submission never blocks. When ``max_pending`` jobs are unfinished (or, on
+cuda, a copy stream's queue budget is used up), ``submit`` raises
+:class:`~kvsched.transfer.errors.TransferQueueFullError` before copying anything and leaves the
+handle untouched, so the engine's forward thread can retry at its next step or mark it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any, Callable
+
+from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError
+from kvsched.protocol import Decision
+from kvsched.transfer.cudart import cuda_available
+from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
+from kvsched.transfer.host import HostBackend
+from kvsched.transfer.job import TransferJob
+from kvsched.transfer.plan import build_plan
+
+__all__ = ["TransferEngine"]
+
+log = logging.getLogger("kvsched")
+
+_HOST_OPTIONS = ("workers", "split_bytes", "event_timeout")
+_CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime")
+
+
+class TransferEngine:
+    """Runs transfers for handles decided by a scheduler.
+
+    ``TransferEngine(s, backend="auto", *, max_pending=1024, fault_hook=None, **options)``
+
+    * ``s``: the :class:`kvsched.Scheduler` (or reference model) whose handles are submitted;
+      kept as :attr:`scheduler`, may be None.
+    * ``backend``: ``"auto"``, ``"host"`` or ``"cuda"``; :attr:`backend` says what was chosen,
+      :attr:`backend_reason` why.
+    * ``max_pending``: unfinished jobs allowed per backend before ``submit`` raises
+      ``TransferQueueFullError``.
+    * ``fault_hook(job)``: called before a job's copies; raising fails the job (tests).
+    * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
+      by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
+    * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
+      stream, default 512), ``batch`` ("auto"/True/False: ``cudaMemcpyBatchAsync``),
+      ``batch_chunk``, ``auto_pin`` (page-lock host pools on first use), ``poll_interval``
+      ((min, max) seconds between reaper polls), ``runtime`` (a cuda-bindings runtime module).
+    """
+
+    def __init__(
+        self,
+        scheduler: Any = None,
+        backend: str = "auto",
+        *,
+        max_pending: int = 1024,
+        fault_hook: Callable[[TransferJob], None] | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(_HOST_OPTIONS) - set(_CUDA_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown TransferEngine option(s): {', '.join(sorted(unknown))}")
+        if backend not in ("auto", "host", "cuda"):
+            raise InvalidArgumentError(f"backend must be 'auto', 'host' or 'cuda', got {backend!r}")
+        self.scheduler = scheduler
+        self._host_options = {k: options[k] for k in _HOST_OPTIONS if k in options}
+        self._host_options.update(max_pending=max_pending, fault_hook=fault_hook)
+        cuda_options = {k: options[k] for k in _CUDA_OPTIONS if k in options}
+        cuda_options.update(max_pending=max_pending, fault_hook=fault_hook)
+
+        self._cuda: Any = None
+        self._host: HostBackend | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._inflight: set[Any] = set()
+        self._stats = {"submitted": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes": 0, "copies": 0}
+
+        if backend == "host":
+            self.backend, self.backend_reason = "host", "requested"
+        else:
+            usable, reason = cuda_available(options.get("runtime"))
+            if usable:
+                from kvsched.transfer.cuda import CudaBackend  # imports nothing CUDA by itself
+
+                self._cuda = CudaBackend(**cuda_options)
+                self.backend, self.backend_reason = "cuda", reason
+            elif backend == "cuda":
+                raise CudaError(f"backend='cuda' but no usable CUDA device: {reason}")
+            else:
+                self.backend, self.backend_reason = "host", f"no usable CUDA device: {reason}"
+        if self.backend == "host":
+            self._host = HostBackend(**self._host_options)
+        log.info("kvsched: TransferEngine backend=%s (%s)", self.backend, self.backend_reason)
+        self._backends = [b for b in (self._cuda, self._host) if b is not None]
+        self._finalizer = weakref.finalize(self, _abandon, self._backends)
+
+    # ------------------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        h: Any,
+        src: Any,
+        dst: Any,
+        pairs: Any,
+        layers: Any = None,
+        *,
+        compute_event: Any = None,
+        wait_event: Any = None,
+    ) -> TransferJob:
+        """Copy ``pairs`` ((N, 2) block ids: source block, destination block) of ``layers`` (None:
+        all) from pool ``src`` to pool ``dst``, then mark ``h``.
+
+        Never blocks on the copy. Raises before anything is copied when ``h`` is not decided
+        EXECUTE (``ProtocolError``), on bad ids, mismatched pools or layers out of range
+        (``InvalidArgumentError``, a ``ValueError``; ``TypeError`` for wrong types), or when the
+        engine is full (``TransferQueueFullError``) or closed. On the cuda backend,
+        ``compute_event`` / ``wait_event`` (a CUDA event or a list of them) are waited on by the
+        copy stream before it copies: pass the compute stream's event recorded after the layer
+        wrote the blocks (store) or after its last read of blocks being reused (load). Returns the
+        :class:`TransferJob`; ``job.wait_on(stream)`` makes a stream wait for a load."""
+        rid, uid = getattr(h, "request_id", None), getattr(h, "uuid", None)
+        if self._closed:
+            raise TransferEngineClosedError(f"submit of request {rid!r} op {uid} after close()")
+        if not callable(getattr(h, "mark_complete", None)):
+            raise TypeError(f"h must be a scheduler handle with mark_complete(), got {type(h).__name__}")
+        decision = h.decision
+        if decision != Decision.EXECUTE:
+            state = "undecided" if decision is None else f"decided {getattr(decision, 'name', decision)}"
+            raise ProtocolError(
+                f"request {rid!r} op {uid}: only an EXECUTE handle can be submitted, this one is {state}"
+            )
+        try:
+            plan = build_plan(src, dst, pairs, layers)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"request {rid!r} op {uid}: {exc}") from None
+        except TypeError as exc:
+            raise TypeError(f"request {rid!r} op {uid}: {exc}") from None
+        kind = _kind(plan.src.is_cuda, plan.dst.is_cuda)
+        backend = self._backend_for(kind, rid, uid)
+
+        key = uid if uid is not None else id(h)
+        with self._lock:
+            if key in self._inflight:
+                raise ProtocolError(f"request {rid!r} op {uid} is already being transferred")
+            self._inflight.add(key)
+        job = TransferJob(h, plan, kind)
+        job._add_callback(lambda j, key=key: self._on_finished(j, key))
+        if plan.num_blocks == 0 or plan.layers.size == 0:
+            with self._lock:
+                self._stats["submitted"] += 1
+            job._finish(None)  # nothing to move
+            return job
+        try:
+            backend.submit(job, compute_event=compute_event, wait_event=wait_event)
+        except BaseException as exc:
+            with self._lock:
+                self._inflight.discard(key)
+                if isinstance(exc, TransferQueueFullError):
+                    self._stats["rejected"] += 1
+            raise
+        with self._lock:
+            self._stats["submitted"] += 1
+        return job
+
+    def _backend_for(self, kind: str, rid: Any, uid: Any) -> Any:
+        if kind == "h2h":
+            if self._host is None:
+                with self._lock:
+                    if self._host is None:
+                        self._host = HostBackend(**self._host_options)
+                        self._backends.append(self._host)
+            return self._host
+        if self._cuda is None:
+            raise InvalidArgumentError(
+                f"request {rid!r} op {uid}: a {kind} copy needs backend='cuda' (this engine is {self.backend})"
+            )
+        return self._cuda
+
+    def _on_finished(self, job: TransferJob, key: Any) -> None:
+        with self._lock:
+            self._inflight.discard(key)
+            if job.error is None:
+                self._stats["completed"] += 1
+                self._stats["bytes"] += job.nbytes
+                self._stats["copies"] += job.num_copies
+            else:
+                self._stats["failed"] += 1
+
+    # ------------------------------------------------------------------------------ state
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not finished."""
+        return sum(b.pending for b in (self._cuda, self._host) if b is not None)
+
+    def stream(self, kind: str) -> int:
+        """Raw handle of the cuda backend's copy stream for ``kind`` ("h2d", "d2h", "d2d")."""
+        if self._cuda is None:
+            raise KvschedError("the host backend has no CUDA streams")
+        return self._cuda.stream(kind)
+
+    @property
+    def batched(self) -> bool:
+        """True when the cuda backend submits copies with cudaMemcpyBatchAsync."""
+        return bool(self._cuda is not None and self._cuda.batch_enabled)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._stats)
+        out["pending"] = self.pending
+        out["backend"] = self.backend
+        if self._cuda is not None:
+            out["batched"] = self._cuda.batch_enabled
+            out["batch_reason"] = self._cuda.batch_reason
+        return out
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted job finished (tests, tools, shutdown). False on timeout."""
+        ok = True
+        for b in (self._cuda, self._host):
+            if b is not None:
+                ok = b.wait_idle(timeout) and ok
+        return ok
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new jobs, wait for in-flight copies to land (their handles get marked), release
+        threads, streams and events. Idempotent. False if ``timeout`` expired first."""
+        self._closed = True
+        ok = True
+        for b in (self._cuda, self._host):
+            if b is not None:
+                ok = b.close(timeout) and ok
+        if ok:
+            self._finalizer.detach()
+        return ok
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TransferEngine(backend={self.backend!r}, pending={self.pending}, closed={self._closed})"
+
+
+def _kind(src_cuda: bool, dst_cuda: bool) -> str:
+    if src_cuda and dst_cuda:
+        return "d2d"
+    if src_cuda:
+        return "d2h"
+    if dst_cuda:
+        return "h2d"
+    return "h2h"
+
+
+def _abandon(backends: list[Any]) -> None:
+    for b in backends:
+        try:
+            if hasattr(b, "abandon"):
+                b.abandon()
+            else:
+                b.close(timeout=0)
+        except Exception:  # noqa: BLE001 - garbage collection path
+            pass

@@ -1,0 +1,141 @@
+"""A submitted transfer and how it ends.
+
+``TransferEngine.submit`` returns a :class:`TransferJob`. Exactly one backend thread calls
+:meth:`TransferJob._finish` once the bytes have landed (or the copy failed); that marks the
+scheduler handle (complete, or failed with the reason), runs the engine's bookkeeping callbacks and
+only then releases anyone blocked in :meth:`wait`. The job drops its reference to the handle when
+it finishes, so the handle's lifetime is the caller's again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from kvsched.transfer.errors import TransferError
+from kvsched.transfer.plan import CopyPlan
+
+__all__ = ["TransferJob"]
+
+log = logging.getLogger("kvsched")
+
+
+class TransferJob:
+    """One transfer. ``kind`` is ``"h2h"``, ``"h2d"`` (load), ``"d2h"`` (store) or ``"d2d"``.
+
+    ``error`` is None while running and after success, else the failure reason. ``wait()`` is
+    for tests, tools and shutdown paths: the engine's forward thread should never block on it
+    (on the cuda backend, make the compute stream wait with :meth:`wait_on` instead)."""
+
+    def __init__(self, handle: Any, plan: CopyPlan, kind: str) -> None:
+        self.handle = handle
+        self.request_id = getattr(handle, "request_id", None)
+        self.uuid = getattr(handle, "uuid", None)
+        self.plan = plan
+        self.kind = kind
+        self.nbytes = plan.nbytes
+        self.num_copies = plan.num_copies
+        self.submitted_at = time.perf_counter()
+        self.finished_at: float | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._finished = False
+        self._callbacks: list[Callable[["TransferJob"], None]] = []
+        self._gpu: Any = None  # the cuda backend that can make a stream wait on this job
+
+    # ------------------------------------------------------------------------------ queries
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def ok(self) -> bool:
+        """True once finished successfully."""
+        return self._done.is_set() and self.error is None
+
+    @property
+    def seconds(self) -> float | None:
+        """Submission to completion, as seen by the host (includes reaping latency)."""
+        return None if self.finished_at is None else self.finished_at - self.submitted_at
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job finished (True) or ``timeout`` seconds passed (False)."""
+        return self._done.wait(timeout)
+
+    def wait_on(self, stream: Any) -> None:
+        """Make ``stream`` (a CUDA stream: int handle, torch/cupy/cuda.core stream) wait on the GPU
+        until this job's copies are done, without blocking the host. Cuda backend only; a no-op
+        once the job has completed."""
+        if self._gpu is None:
+            if self._done.is_set():
+                return
+            raise TransferError(
+                f"{self.kind} job of request {self.request_id!r} op {self.uuid} has no CUDA event "
+                "(host backend); use job.wait()"
+            )
+        self._gpu.wait_on(self, stream)
+
+    @property
+    def event(self) -> int | None:
+        """Raw ``cudaEvent_t`` handle (int) recorded after this job's copies, while it is in
+        flight (cuda backend); None on the host backend or once the job is complete. The event
+        is recycled after completion: prefer :meth:`wait_on`, which cannot race with that."""
+        return None if self._gpu is None else self._gpu.event_of(self)
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("ok" if self.error is None else f"failed: {self.error}")
+        return (
+            f"TransferJob({self.kind}, request={self.request_id!r}, uuid={self.uuid}, "
+            f"bytes={self.nbytes}, copies={self.num_copies}, {state})"
+        )
+
+    # ------------------------------------------------------------------------------ backend side
+
+    def _add_callback(self, fn: Callable[["TransferJob"], None]) -> None:
+        self._callbacks.append(fn)
+
+    def _finish(self, error: BaseException | str | None = None) -> None:
+        """Record the outcome and mark the handle. Called once by a backend; later calls are ignored."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self.finished_at = time.perf_counter()
+        handle, self.handle = self.handle, None
+        if error is not None:
+            self.error = _describe(error)
+            failure = TransferError(
+                f"transfer ({self.kind}) of request {self.request_id!r} op {self.uuid} failed: {self.error}"
+            )
+            if isinstance(error, BaseException):
+                failure.__cause__ = error
+        try:
+            if error is None:
+                handle.mark_complete()
+            else:
+                handle.mark_complete(error=failure)
+        except Exception as exc:  # the scheduler closed, or the caller marked the handle already
+            log.warning(
+                "kvsched: could not mark request %r op %s after its %s transfer: %s: %s",
+                self.request_id,
+                self.uuid,
+                self.kind,
+                type(exc).__name__,
+                exc,
+            )
+        for fn in self._callbacks:
+            try:
+                fn(self)
+            except Exception:  # bookkeeping must never stop completion
+                log.exception("kvsched: transfer job callback failed")
+        self._done.set()
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, BaseException):
+        text = str(error)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return str(error)

@@ -1,0 +1,354 @@
+"""A fake ``cuda.bindings.runtime`` for testing the cuda backend's logic on a CPU-only machine.
+
+It mirrors the call signatures and return conventions of cuda-bindings 13 (every call returns a
+tuple whose first item is a ``cudaError_t``; ``cudaMemcpyBatchAsync`` takes 8 arguments and
+returns ``(err,)``), checks argument types strictly, and moves bytes with ``ctypes.memmove``
+(its "device memory" is host memory from ``cudaMalloc``). Copies happen at once; an event
+reports ``cudaErrorNotReady`` for ``not_ready_polls`` queries after each record, so the reaper's
+polling path runs. Errors can be injected per function with :meth:`FakeRuntime.fail`.
+
+It cannot model the GPU-side ordering of streams; that is what ``test_cuda_backend.py`` checks
+on a real GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import itertools
+import threading
+from collections import Counter
+
+
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
+    cudaErrorInvalidResourceHandle = 400
+    cudaErrorNotReady = 600
+    cudaErrorIllegalAddress = 700
+    cudaErrorHostMemoryAlreadyRegistered = 712
+    cudaErrorNotSupported = 801
+
+
+_DESCRIPTIONS = {
+    cudaError_t.cudaSuccess: "no error",
+    cudaError_t.cudaErrorInvalidValue: "invalid argument",
+    cudaError_t.cudaErrorNotReady: "device not ready",
+    cudaError_t.cudaErrorIllegalAddress: "an illegal memory access was encountered",
+}
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToHost = 0
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+    cudaMemcpyDefault = 4
+
+
+class cudaMemoryType(enum.IntEnum):
+    cudaMemoryTypeUnregistered = 0
+    cudaMemoryTypeHost = 1
+    cudaMemoryTypeDevice = 2
+    cudaMemoryTypeManaged = 3
+
+
+class cudaMemcpySrcAccessOrder(enum.IntEnum):
+    cudaMemcpySrcAccessOrderInvalid = 0
+    cudaMemcpySrcAccessOrderStream = 1
+    cudaMemcpySrcAccessOrderDuringApiCall = 2
+    cudaMemcpySrcAccessOrderAny = 3
+
+
+class _Handle:
+    def __init__(self, init_value: int = 0) -> None:
+        self._value = int(init_value)
+
+    def __int__(self) -> int:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._value:#x}>"
+
+
+class cudaStream_t(_Handle):
+    pass
+
+
+class cudaEvent_t(_Handle):
+    pass
+
+
+class cudaMemcpyAttributes:
+    def __init__(self) -> None:
+        self.srcAccessOrder = cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderInvalid
+        self.flags = 0
+
+
+class cudaPointerAttributes:
+    def __init__(self, type_: cudaMemoryType, device: int) -> None:
+        self.type = type_
+        self.device = device
+
+
+_OK = cudaError_t.cudaSuccess
+
+
+class FakeRuntime:
+    """One fake CUDA runtime with ``num_devices`` devices. ``calls`` counts calls by name."""
+
+    cudaError_t = cudaError_t
+    cudaMemcpyKind = cudaMemcpyKind
+    cudaMemoryType = cudaMemoryType
+    cudaMemcpySrcAccessOrder = cudaMemcpySrcAccessOrder
+    cudaStream_t = cudaStream_t
+    cudaEvent_t = cudaEvent_t
+    cudaMemcpyAttributes = cudaMemcpyAttributes
+    cudaStreamNonBlocking = 1
+    cudaEventDisableTiming = 2
+    cudaHostRegisterDefault = 0
+
+    def __init__(self, num_devices: int = 1, *, not_ready_polls: int = 2, batch: bool = True,
+                 version: int = 13000) -> None:
+        self.num_devices = num_devices
+        self.not_ready_polls = not_ready_polls
+        self.version = version
+        if not batch:  # like cuda-bindings < 12.8: no batched copies
+            self.cudaMemcpyBatchAsync = None
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(0x1000, 0x10)
+        self._device = threading.local()
+        self._buffers: dict[int, ctypes.Array] = {}
+        self._device_of: dict[int, tuple[int, int]] = {}  # base -> (size, device)
+        self._pinned: dict[int, int] = {}  # base -> size (cudaMallocHost or registered)
+        self.streams: set[int] = set()
+        self.events: dict[int, int] = {}  # event -> polls left until ready
+        self.destroyed_streams: set[int] = set()
+        self.destroyed_events: set[int] = set()
+        self.waits: list[tuple[int, int]] = []  # (stream, event) of cudaStreamWaitEvent
+        self.copies: list[tuple[int, int, int]] = []  # (dst, src, size), in launch order
+        self.batches: list[int] = []  # copies per cudaMemcpyBatchAsync call
+        self.trace: list[tuple[str, int]] = []  # ("wait" | "copy" | "record", stream) in call order
+        self._failures: dict[str, list[cudaError_t]] = {}
+
+    # --------------------------------------------------------------------------- test controls
+
+    def fail(self, name: str, error: cudaError_t = cudaError_t.cudaErrorInvalidValue, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``name`` return ``error``."""
+        self._failures.setdefault(name, []).extend([error] * times)
+
+    def _result(self, name: str) -> cudaError_t:
+        self.calls[name] += 1
+        queue = self._failures.get(name)
+        if queue:
+            return queue.pop(0)
+        return _OK
+
+    # --------------------------------------------------------------------------- device & errors
+
+    def cudaGetDeviceCount(self):
+        err = self._result("cudaGetDeviceCount")
+        return (err, self.num_devices if err == _OK else None)
+
+    def cudaRuntimeGetVersion(self):
+        return (self._result("cudaRuntimeGetVersion"), self.version)
+
+    def cudaDriverGetVersion(self):
+        return (self._result("cudaDriverGetVersion"), self.version)
+
+    def cudaGetDevice(self):
+        return (self._result("cudaGetDevice"), getattr(self._device, "value", 0))
+
+    def cudaSetDevice(self, device: int):
+        if not 0 <= device < self.num_devices:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        err = self._result("cudaSetDevice")
+        if err == _OK:
+            self._device.value = device
+        return (err,)
+
+    def cudaGetErrorName(self, err):
+        return (_OK, cudaError_t(int(err)).name.encode())
+
+    def cudaGetErrorString(self, err):
+        return (_OK, _DESCRIPTIONS.get(cudaError_t(int(err)), "error").encode())
+
+    def cudaGetLastError(self):
+        return (_OK,)
+
+    # --------------------------------------------------------------------------- memory
+
+    def _alloc(self, size: int) -> int:
+        buf = (ctypes.c_ubyte * size)()
+        ptr = ctypes.addressof(buf)
+        self._buffers[ptr] = buf
+        return ptr
+
+    def cudaMalloc(self, size: int):
+        err = self._result("cudaMalloc")
+        if err != _OK:
+            return (err, None)
+        ptr = self._alloc(size)
+        self._device_of[ptr] = (size, getattr(self._device, "value", 0))
+        return (_OK, ptr)
+
+    def cudaFree(self, ptr):
+        self.calls["cudaFree"] += 1
+        self._device_of.pop(int(ptr), None)
+        self._buffers.pop(int(ptr), None)
+        return (_OK,)
+
+    def cudaMallocHost(self, size: int):
+        err = self._result("cudaMallocHost")
+        if err != _OK:
+            return (err, None)
+        ptr = self._alloc(size)
+        self._pinned[ptr] = size
+        return (_OK, ptr)
+
+    def cudaFreeHost(self, ptr):
+        self.calls["cudaFreeHost"] += 1
+        self._pinned.pop(int(ptr), None)
+        self._buffers.pop(int(ptr), None)
+        return (_OK,)
+
+    def cudaHostRegister(self, ptr, size, flags):
+        err = self._result("cudaHostRegister")
+        if err != _OK:
+            return (err,)
+        if self._find(self._pinned, int(ptr)) is not None:
+            return (cudaError_t.cudaErrorHostMemoryAlreadyRegistered,)
+        self._pinned[int(ptr)] = int(size)
+        return (_OK,)
+
+    def cudaHostUnregister(self, ptr):
+        self.calls["cudaHostUnregister"] += 1
+        self._pinned.pop(int(ptr), None)
+        return (_OK,)
+
+    @staticmethod
+    def _find(table: dict[int, object], ptr: int):
+        for base, info in table.items():
+            size = info[0] if isinstance(info, tuple) else info
+            if base <= ptr < base + size:
+                return base
+        return None
+
+    def cudaPointerGetAttributes(self, ptr):
+        self.calls["cudaPointerGetAttributes"] += 1
+        ptr = int(ptr)
+        base = self._find(self._device_of, ptr)
+        if base is not None:
+            return (_OK, cudaPointerAttributes(cudaMemoryType.cudaMemoryTypeDevice, self._device_of[base][1]))
+        if self._find(self._pinned, ptr) is not None:
+            return (_OK, cudaPointerAttributes(cudaMemoryType.cudaMemoryTypeHost, -2))
+        return (_OK, cudaPointerAttributes(cudaMemoryType.cudaMemoryTypeUnregistered, -2))
+
+    # --------------------------------------------------------------------------- streams & events
+
+    def cudaStreamCreateWithFlags(self, flags: int):
+        err = self._result("cudaStreamCreateWithFlags")
+        if err != _OK:
+            return (err, None)
+        handle = next(self._ids)
+        self.streams.add(handle)
+        return (_OK, cudaStream_t(handle))
+
+    def cudaStreamDestroy(self, stream):
+        self.calls["cudaStreamDestroy"] += 1
+        self._check_stream(stream)
+        self.destroyed_streams.add(int(stream))
+        return (_OK,)
+
+    def cudaStreamSynchronize(self, stream):
+        self._check_stream(stream)
+        return (self._result("cudaStreamSynchronize"),)
+
+    def cudaEventCreateWithFlags(self, flags: int):
+        err = self._result("cudaEventCreateWithFlags")
+        if err != _OK:
+            return (err, None)
+        handle = next(self._ids)
+        with self._lock:
+            self.events[handle] = 0
+        return (_OK, cudaEvent_t(handle))
+
+    def cudaEventDestroy(self, event):
+        self.calls["cudaEventDestroy"] += 1
+        self.destroyed_events.add(int(event))
+        return (_OK,)
+
+    def cudaEventRecord(self, event, stream):
+        self._check_stream(stream)
+        assert isinstance(event, cudaEvent_t), f"event must be a cudaEvent_t, got {type(event)}"
+        err = self._result("cudaEventRecord")
+        if err == _OK:
+            with self._lock:
+                self.events[int(event)] = self.not_ready_polls
+            self.trace.append(("record", int(stream)))
+        return (err,)
+
+    def cudaEventQuery(self, event):
+        assert isinstance(event, cudaEvent_t)
+        err = self._result("cudaEventQuery")
+        if err != _OK:
+            return (err,)
+        with self._lock:
+            left = self.events[int(event)]
+            if left > 0:
+                self.events[int(event)] = left - 1
+                return (cudaError_t.cudaErrorNotReady,)
+        return (_OK,)
+
+    def cudaStreamWaitEvent(self, stream, event, flags):
+        assert isinstance(stream, cudaStream_t), f"stream must be a cudaStream_t, got {type(stream)}"
+        assert isinstance(event, cudaEvent_t), f"event must be a cudaEvent_t, got {type(event)}"
+        assert isinstance(flags, int)
+        err = self._result("cudaStreamWaitEvent")
+        if err == _OK:
+            self.waits.append((int(stream), int(event)))
+            self.trace.append(("wait", int(stream)))
+        return (err,)
+
+    def _check_stream(self, stream) -> None:
+        assert isinstance(stream, cudaStream_t), f"stream must be a cudaStream_t, got {type(stream)}"
+        assert int(stream) in self.streams, "unknown stream"
+        assert int(stream) not in self.destroyed_streams, "stream used after destroy"
+
+    # --------------------------------------------------------------------------- copies
+
+    def cudaMemcpy(self, dst, src, count, kind):
+        err = self._result("cudaMemcpy")
+        if err == _OK:
+            ctypes.memmove(int(dst), int(src), int(count))
+        return (err,)
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        assert isinstance(dst, int) and isinstance(src, int) and isinstance(count, int)
+        assert kind == cudaMemcpyKind.cudaMemcpyDefault
+        self._check_stream(stream)
+        err = self._result("cudaMemcpyAsync")
+        if err == _OK:
+            ctypes.memmove(dst, src, count)
+            self.copies.append((dst, src, count))
+            self.trace.append(("copy", int(stream)))
+        return (err,)
+
+    def cudaMemcpyBatchAsync(self, dsts, srcs, sizes, count, attrs, attrsIdxs, numAttrs, stream):
+        assert isinstance(dsts, list) and isinstance(srcs, list) and isinstance(sizes, list)
+        assert len(dsts) == len(srcs) == len(sizes) == count
+        assert isinstance(attrs, list) and len(attrs) == numAttrs and list(attrsIdxs)[0] == 0
+        assert all(isinstance(a, cudaMemcpyAttributes) for a in attrs)
+        assert attrs[0].srcAccessOrder == cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        self._check_stream(stream)
+        err = self._result("cudaMemcpyBatchAsync")
+        if err == _OK:
+            for d, s, n in zip(dsts, srcs, sizes):
+                ctypes.memmove(d, s, n)
+                self.copies.append((d, s, n))
+            self.batches.append(count)
+            self.trace.append(("copy", int(stream)))
+        return (err,)
