@@ -497,7 +497,15 @@ bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
     bump(counters_.executed);
     if (op->released_at_ns != 0) dispatch_latency_.record(now_ns() - op->released_at_ns);
   } else {
-    if (op->requirement != 0 && !progress_.holds(op->requirement)) gate_.erase(op);
+    // Only a joined op can be parked in the gate, and only after the join is `requirement`
+    // visible: a worker half cancelled alone (cancelled slot) races the transfer half's write of
+    // it (found by ThreadSanitizer in the seeded stress test).
+    // order: acquire — pairs with the publish fetch_ors; seeing kTransferPublished makes the
+    // transfer half's `requirement` visible.
+    const uint8_t halves = op->halves.load(std::memory_order_acquire);
+    if ((halves & Op::kBothPublished) == Op::kBothPublished && op->requirement != 0 &&
+        !progress_.holds(op->requirement))
+      gate_.erase(op);
     end_op(op, Outcome::kCancelled, std::move(error));
   }
   notify_waiters(*op);
