@@ -1,39 +1,86 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a machine with a CUDA device and NO network (see README):
-# builds kvsched, runs the cuda tests and the whole suite, then kvsched-bench on the cuda backend.
-# Everything lands in $OUT (default ./out): logs, JSON, PNG. Each step has its own timeout so one
-# hang cannot eat the budget; the script goes on after a failed step and reports all of them.
+# builds kvsched, runs the cuda tests, the transfer benchmark and kvsched-bench on the cuda
+# backend, then the rest of the suite. Everything lands in $OUT (default ./out): logs, JSON, PNG,
+# summary.txt and gpu_check.json (rc and seconds of every step).
 #
 #   OUT=/tmp/out bash bench/gpu_check.sh
+#
+# Each step has its own timeout, and all steps share one budget (GPU_CHECK_BUDGET seconds,
+# default 420, i.e. well inside 8 minutes): a step gets at most what is left, and steps are
+# skipped once it is spent, so one hang cannot eat the machine's time. The script goes on after a
+# failed step and reports all of them; it exits 1 if any step failed or was skipped.
 # Optional: WHEELS=dir with wheels of the pure-Python extras (rich, pytest, pytest-timeout,
 # hypothesis, matplotlib) when the image lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET=${GPU_CHECK_BUDGET:-420}
+PY=${PYTHON:-python}
 status=0
-step() {  # step NAME TIMEOUT CMD...
+STEPS=()
+: >"$OUT/summary.txt"
+
+step() {  # step NAME TIMEOUT CMD...   (output in $OUT/NAME.log)
   local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if ((left < 10)); then
+    echo "$name: skipped (budget of ${BUDGET} s spent)" | tee -a "$OUT/summary.txt"
+    STEPS+=("\"$name\": {\"rc\": null, \"seconds\": 0, \"skipped\": true}")
+    status=1
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  echo "$name: running (timeout ${limit} s)" >&2
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  echo "$name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  local note=""
+  ((rc == 124 || rc == 137)) && note=" (timed out)"
+  echo "$name: rc=$rc in $((SECONDS - t0)) s$note" | tee -a "$OUT/summary.txt"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/    /' >&2
+  STEPS+=("\"$name\": {\"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
   [[ $rc -eq 0 ]] || status=1
   return 0
 }
+
 {
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  python -c "import sys; print(sys.version)"
-} >"$OUT/machine.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current \
+    --format=csv,noheader 2>&1
+  $PY -c "import sys; print(sys.version)"
+  $PY -m pip list 2>/dev/null | grep -i -E "^(cuda|cupy|torch|numpy|pybind11|scikit.build|pytest|rich|hypothesis)" || true
+  # kvsched's own GPU detection (pure Python, works before the build)
+  PYTHONPATH=python $PY -c "from kvsched.transfer.cudart import cuda_available as c; print('kvsched cuda_available:', *c())" 2>&1 | tail -1
+} >"$OUT/machine.txt" 2>&1
 
 if [[ -n "${WHEELS:-}" && -d "$WHEELS" ]]; then
-  step wheels 120 python -m pip install --no-index --find-links "$WHEELS" rich pytest pytest-timeout hypothesis matplotlib
+  step wheels 60 $PY -m pip install --no-index --find-links "$WHEELS" rich pytest pytest-timeout hypothesis matplotlib
 fi
-step build 300 python -m pip install --no-build-isolation --no-deps -v .
-step cuda_tests 240 python -m pytest tests/transfer -q -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
-step all_tests 300 python -m pytest tests -q -rs -x -p no:cacheprovider --ignore=tests/transfer
-step bench_cuda 240 python -m kvsched.bench --backend cuda --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
-step bench_host 120 python -m kvsched.bench --quick --backend host --json "$OUT/bench_host_quick.json"
+step build 150 $PY -m pip install --no-build-isolation --no-deps --no-index -v .
+# From here on `kvsched` is the installed package (python/ is not on sys.path).
+step import 20 bash -c "cd /tmp && $PY -c 'import kvsched, kvsched._core, kvsched.transfer.engine; print(kvsched.__file__)'"
+step cuda_tests 100 $PY -m pytest tests/transfer -m gpu -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+step transfer_bench_cuda 60 $PY bench/transfer_bench.py --backend cuda --sizes 4K,16K,64K,256K,2M \
+  --total 64M --repeats 3 --json "$OUT/transfer_bench_cuda.json"
+step bench_cuda 90 $PY -m kvsched.bench --backend cuda --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
+step all_tests 150 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not gpu and not slow" --junitxml="$OUT/all_tests.xml"
+step transfer_bench_cuda_nobatch 30 $PY bench/transfer_bench.py --backend cuda --batch off --sizes 4K,64K \
+  --directions h2d,d2h --total 64M --repeats 2 --json "$OUT/transfer_bench_cuda_nobatch.json"
+step bench_host 40 $PY -m kvsched.bench --quick --backend host --json "$OUT/bench_host_quick.json"
+
+{
+  echo "{"
+  echo "  \"budget_s\": $BUDGET, \"elapsed_s\": $SECONDS, \"status\": $status,"
+  echo "  \"steps\": {"
+  for i in "${!STEPS[@]}"; do
+    sep=","; ((i == ${#STEPS[@]} - 1)) && sep=""
+    echo "    ${STEPS[$i]}$sep"
+  done
+  echo "  }"
+  echo "}"
+} >"$OUT/gpu_check.json"
 cat "$OUT/summary.txt"
 exit $status

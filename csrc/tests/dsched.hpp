@@ -1,12 +1,15 @@
-// DSched: a deterministic scheduler for the core's tests (docs/STYLE.md B4, after the idea of
-// folly's DeterministicSchedule; our own code).
+// DSched: a deterministic scheduler for the core's tests (house style guide STYLE.md, B4; after the
+// idea of folly's DeterministicSchedule, our own code).
 //
 // Compiled in place of the standard primitives through the seam in csrc/core/sync.hpp
 // (KVSCHED_SYNC_HEADER). Test threads are real std::threads, but only the thread holding the
 // *baton* runs. Before every access to a seam object (each atomic operation, each lock, unlock,
 // wait and notify) the running thread calls Sched::point(), which picks the next thread to run
 // with a seeded PRNG among the runnable ones and hands it the baton. The same seed gives the same
-// interleaving, so a failing seed can be replayed (`test_dsched 1 <seed>`).
+// interleaving, so a failing seed can be replayed (`test_dsched 1 <seed>`), provided the code
+// under test makes the same choices: the core hashes op addresses into wait stripes, so
+// test_dsched.cpp makes addresses modulo 64 deterministic with its own operator new
+// (DSCHED_REPLAY_CHECK=1 verifies replay).
 //
 // Model
 //   - Sequential consistency. An Atomic<T> is a plain T read and written by the baton holder; the
@@ -20,7 +23,7 @@
 //     deadline times out only when no thread is runnable (the clock "jumps" to the earliest
 //     deadline), so timeouts model quiescence, never a race with real time.
 //   - Optional perturbations, both legal for the real primitives: spurious CondVar wakeups, and
-//     spurious failure of compare_exchange_weak.
+//     spurious failure of compare_exchange_weak. notify_one wakes a waiter chosen by the PRNG.
 //   - When no thread is runnable and none waits with a deadline, the run fails with
 //     "deadlock/lost wakeup". The harness cannot unwind threads blocked inside the core, so such a
 //     run is *abandoned*: its threads stay blocked for ever and everything they reference is leaked

@@ -67,6 +67,17 @@ def _done(job, handle, timeout=30):
 # ----------------------------------------------------------------------------- compute helpers
 
 
+def _calibrate(spin, timed) -> float:
+    """GPU clock cycles per second of the spin kernel, measured (device properties report clock
+    rates in units that changed between versions)."""
+    timed(lambda: spin(1e5))  # warm-up (module load)
+    cycles = 2e7
+    seconds = timed(lambda: spin(cycles))
+    if seconds <= 0:
+        raise RuntimeError("could not time the spin kernel")
+    return cycles / seconds
+
+
 class _Torch:
     """Compute-stream work with torch."""
 
@@ -76,9 +87,18 @@ class _Torch:
         if not torch.cuda.is_available():
             raise RuntimeError("torch has no CUDA")
         self.torch = torch
-        props = torch.cuda.get_device_properties(0)
-        clock_khz = getattr(props, "clock_rate", 0) or 2_000_000
-        self.cycles_per_s = clock_khz * 1000
+        self.cycles_per_s = _calibrate(self._spin, self._timed)
+
+    def _spin(self, cycles):
+        self.torch.cuda._sleep(int(cycles))
+
+    def _timed(self, fn):
+        start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
     def zeros(self, shape):
         return self.torch.zeros(shape, dtype=self.torch.uint8, device="cuda")
@@ -91,15 +111,19 @@ class _Torch:
 
     def sleep(self, stream, seconds):
         with self.torch.cuda.stream(stream):
-            self.torch.cuda._sleep(int(seconds * self.cycles_per_s))
+            self._spin(seconds * self.cycles_per_s)
 
     def fill(self, arr, stream, idx, value):
         with self.torch.cuda.stream(stream):
             arr.index_fill_(1, idx, value)
 
-    def read(self, arr, stream, idx):
+    def empty_like_blocks(self, arr, idx):
+        return self.torch.empty((arr.shape[0], idx.numel()) + tuple(arr.shape[2:]), dtype=arr.dtype, device="cuda")
+
+    def read(self, arr, stream, idx, out):
         with self.torch.cuda.stream(stream):
-            return arr.index_select(1, idx)
+            self.torch.index_select(arr, 1, idx, out=out)
+        return out
 
     def record(self, stream):
         ev = self.torch.cuda.Event()
@@ -129,8 +153,18 @@ class _Cupy:
 
         self.cp = cupy
         self.kernel = cupy.RawKernel(self._SPIN, "spin")
-        attrs = cupy.cuda.runtime.getDeviceProperties(0)
-        self.cycles_per_s = (attrs.get("clockRate", 0) or 2_000_000) * 1000
+        self.cycles_per_s = _calibrate(self._spin, self._timed)
+
+    def _spin(self, cycles):
+        self.kernel((1,), (1,), (np.int64(cycles),))
+
+    def _timed(self, fn):
+        start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return self.cp.cuda.get_elapsed_time(start, end) / 1e3
 
     def zeros(self, shape):
         return self.cp.zeros(shape, dtype=self.cp.uint8)
@@ -143,15 +177,19 @@ class _Cupy:
 
     def sleep(self, stream, seconds):
         with stream:
-            self.kernel((1,), (1,), (np.int64(seconds * self.cycles_per_s),))
+            self._spin(seconds * self.cycles_per_s)
 
     def fill(self, arr, stream, idx, value):
         with stream:
             arr[:, idx] = value
 
-    def read(self, arr, stream, idx):
+    def empty_like_blocks(self, arr, idx):
+        return self.cp.empty((arr.shape[0], idx.size) + tuple(arr.shape[2:]), dtype=arr.dtype)
+
+    def read(self, arr, stream, idx, out):
         with stream:
-            return arr[:, idx].copy()
+            self.cp.take(arr, idx, axis=1, out=out)
+        return out
 
     def record(self, stream):
         ev = self.cp.cuda.Event(disable_timing=True)
@@ -281,6 +319,38 @@ def test_gpu_cupy_pool(engine):
 
 
 # ----------------------------------------------------------------------------- GPU-side ordering
+#
+# Any host-side synchronisation between the compute kernels and the submit (a cudaMalloc by the
+# caching allocator, a lazily loaded kernel module) would serialise the copy behind the sleep and
+# hide the hazard. So every compute op runs once before (warm-up, same shapes, same streams),
+# outputs are preallocated, and each control checks that the host was not held up.
+
+
+def _warm(compute, eng, arr, pool, host_pool, idx, streams, out):
+    for st in streams:
+        compute.fill(arr, st, idx, 0)
+        compute.read(arr, st, idx, out)
+        compute.sleep(st, 0.001)
+        compute.record(st)
+    compute.synchronize()
+    h = FakeHandle(request_id="warm-up")
+    _done(eng.submit(h, pool, host_pool, [[0, 0]]), h)
+    h = FakeHandle(request_id="warm-up")
+    _done(eng.submit(h, host_pool, pool, [[0, 0]]), h)
+
+
+class _HostClock:
+    """Checks that the host did not block while the compute stream slept."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def check(self, what):
+        elapsed = time.perf_counter() - self.t0
+        assert elapsed < SLEEP_S / 2, (
+            f"{what}: the host was blocked {elapsed * 1e3:.0f} ms behind the sleeping compute stream "
+            "(an implicit synchronisation); the control cannot show the hazard"
+        )
 
 
 def test_gpu_store_waits_for_compute_event(engine, compute):
@@ -293,26 +363,30 @@ def test_gpu_store_waits_for_compute_event(engine, compute):
     idx = compute.index(blocks)
     s = compute.stream()
     pairs = [[b, b] for b in blocks]
-    compute.synchronize()
+    scratch = compute.empty_like_blocks(dev, idx)
+    _warm(compute, eng, dev, pool, BlockPool.from_array(pinned_zeros((layers, n, bb))), idx, [s], scratch)
 
     # control: no event -> the copy reads the blocks before the (delayed) kernel writes them
     host = pinned_zeros((layers, n, bb))
+    clock = _HostClock()
     compute.sleep(s, SLEEP_S)
     compute.fill(dev, s, idx, 0xCD)
     h = FakeHandle(request_id="ungated-store")
-    _done(eng.submit(h, pool, BlockPool.from_array(host), pairs), h)
+    job = eng.submit(h, pool, BlockPool.from_array(host), pairs)
+    clock.check("ungated store")
+    _done(job, h)
     compute.synchronize()
     assert not host[:, blocks].any(), "control: the ungated store did not race; the test cannot see the hazard"
 
     # gated: the copy stream waits for the compute stream's event on the GPU
     host = pinned_zeros((layers, n, bb))
+    clock = _HostClock()
     compute.sleep(s, SLEEP_S)
     compute.fill(dev, s, idx, 0xAB)
     ev = compute.record(s)
     h = FakeHandle(request_id="gated-store")
-    t0 = time.perf_counter()
     job = eng.submit(h, pool, BlockPool.from_array(host), pairs, compute_event=ev)
-    assert time.perf_counter() - t0 < 0.05, "submit blocked on the compute stream"
+    clock.check("gated store")
     _done(job, h)
     assert (host[:, blocks] == 0xAB).all(), "the store read blocks before the compute stream wrote them"
     assert not np.delete(host, blocks, axis=1).any()
@@ -327,31 +401,40 @@ def test_gpu_load_waits_for_last_read(engine, compute):
     pool = BlockPool.from_array(dev)
     blocks = [0, 1, 2, 33]
     idx = compute.index(blocks)
-    s = compute.stream()
+    s, other = compute.stream(), compute.stream()
     host = pinned_zeros((layers, n, bb))
     host[:, blocks] = 0x22
     src = BlockPool.from_array(host)
     pairs = [[b, b] for b in blocks]
+    snap = compute.empty_like_blocks(dev, idx)
+    _warm(compute, eng, dev, pool, BlockPool.from_array(pinned_zeros((layers, n, bb))), idx, [s, other], snap)
 
     def reset():
-        compute.fill(dev, compute.stream(), idx, 0x11)
+        compute.fill(dev, other, idx, 0x11)
+        compute.fill(snap, other, compute.index(list(range(len(blocks)))), 0)
         compute.synchronize()
 
     # control: no event -> the load overwrites before the delayed read
     reset()
+    clock = _HostClock()
     compute.sleep(s, SLEEP_S)
-    snap = compute.read(dev, s, idx)
+    compute.read(dev, s, idx, snap)
     h = FakeHandle(request_id="ungated-load")
-    _done(eng.submit(h, src, pool, pairs), h)
+    job = eng.submit(h, src, pool, pairs)
+    clock.check("ungated load")
+    _done(job, h)
     assert (compute.numpy(snap) == 0x22).all(), "control: the ungated load did not race; the test cannot see the hazard"
 
     # gated on the event recorded after the last read
     reset()
+    clock = _HostClock()
     compute.sleep(s, SLEEP_S)
-    snap = compute.read(dev, s, idx)
+    compute.read(dev, s, idx, snap)
     last_read = compute.record(s)
     h = FakeHandle(request_id="gated-load")
-    _done(eng.submit(h, src, pool, pairs, wait_event=last_read), h)
+    job = eng.submit(h, src, pool, pairs, wait_event=last_read)
+    clock.check("gated load")
+    _done(job, h)
     assert (compute.numpy(snap) == 0x11).all(), "the load overwrote blocks the compute stream had not read yet"
     assert (compute.numpy(dev)[:, blocks] == 0x22).all()
 
@@ -369,25 +452,33 @@ def test_gpu_compute_waits_for_load(engine, compute):
     host[:, blocks] = 0x33
     src = BlockPool.from_array(host)
     pairs = [[b, b] for b in blocks]
+    out = compute.empty_like_blocks(dev, idx)
+    _warm(compute, eng, dev, pool, BlockPool.from_array(pinned_zeros((layers, n, bb))), idx, [s, side], out)
+    compute.fill(dev, s, idx, 0)
+    compute.synchronize()
 
     # control: the load is held back on the GPU; a compute read that does not wait sees old data
+    clock = _HostClock()
     compute.sleep(side, SLEEP_S)
     gate = compute.record(side)
     h = FakeHandle(request_id="load-not-awaited")
     job = eng.submit(h, src, pool, pairs, wait_event=gate)
-    out = compute.read(dev, s, idx)
+    compute.read(dev, s, idx, out)
+    clock.check("load, read without waiting")
     assert not compute.numpy(out).any(), "control: the read did not race the delayed load"
     _done(job, h)
     compute.fill(dev, s, idx, 0)
     compute.synchronize()
 
+    clock = _HostClock()
     compute.sleep(side, SLEEP_S)
     gate = compute.record(side)
     h = FakeHandle(request_id="load-awaited")
     job = eng.submit(h, src, pool, pairs, wait_event=gate)
     assert job.event is not None
     job.wait_on(s)  # GPU-side: compute stream waits for the load's event
-    out = compute.read(dev, s, idx)
+    compute.read(dev, s, idx, out)
+    clock.check("load, read after wait_on")
     assert (compute.numpy(out) == 0x33).all(), "the compute stream read before the load landed"
     _done(job, h)
 

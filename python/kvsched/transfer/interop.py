@@ -49,9 +49,14 @@ def describe_array(obj: Any) -> ArrayInfo:
     cai_error: Exception | None = None
     if hasattr(type(obj), "__cuda_array_interface__") or hasattr(obj, "__cuda_array_interface__"):
         try:
-            return _from_cuda_array_interface(obj)
-        except Exception as exc:  # torch raises for bfloat16 and for tensors that require grad
+            info = _from_cuda_array_interface(obj)
+        except Exception as exc:  # torch raises for tensors that require grad (older: bfloat16)
             cai_error = exc
+        else:
+            # The CUDA array interface has no bfloat16 (torch exports it as raw 2-byte items):
+            # DLPack names it, so prefer DLPack when the dtype came out unknown.
+            if info.dtype is not None or not hasattr(obj, "__dlpack__"):
+                return info
     if hasattr(obj, "__dlpack__"):
         return _from_dlpack(obj)
     if cai_error is not None:

@@ -82,8 +82,12 @@ class CopyPlan:
 
 def _bases(pool: BlockPool, layers: np.ndarray) -> np.ndarray:
     """``(L, P)`` addresses of block 0 of each piece of each layer."""
-    ptrs = np.asarray(pool.layer_ptrs, dtype=np.int64)[layers]
-    return ptrs[:, None] + np.asarray(pool.piece_offsets, dtype=np.int64)[None, :]
+    table = pool._cache.get("plan_bases")
+    if table is None:  # (num_layers, P), computed once per pool
+        ptrs = np.asarray(pool.layer_ptrs, dtype=np.int64)
+        table = ptrs[:, None] + np.asarray(pool.piece_offsets, dtype=np.int64)[None, :]
+        pool._cache["plan_bases"] = table
+    return table[layers]
 
 
 def build_plan(src: Any, dst: Any, pairs: Any, layers: Any = None) -> CopyPlan:
@@ -108,6 +112,8 @@ def build_plan(src: Any, dst: Any, pairs: Any, layers: Any = None) -> CopyPlan:
 
     layer_ids = _layers(src, dst, layers)
     src_ids, dst_ids = _pairs(pairs)
+    if src_ids.size <= _SMALL:
+        return _small_plan(src, dst, layer_ids, src_ids, dst_ids)
     for name, ids, pool in (("src", src_ids, src), ("dst", dst_ids, dst)):
         if ids.size and (ids.min() < 0 or ids.max() >= pool.num_blocks):
             bad = ids[(ids < 0) | (ids >= pool.num_blocks)]
@@ -133,6 +139,44 @@ def build_plan(src: Any, dst: Any, pairs: Any, layers: Any = None) -> CopyPlan:
         order = np.argsort(key)
         src_ids, dst_ids = src_ids[order], dst_ids[order]
     return CopyPlan(src, dst, layer_ids, src_ids, dst_ids, _runs(src_ids, dst_ids))
+
+
+# Requests of up to this many pairs are checked and coalesced in plain Python: a dozen numpy
+# calls cost more than a loop over a few dozen ints (it is the fixed cost of every submit).
+_SMALL = 64
+
+
+def _small_plan(src: BlockPool, dst: BlockPool, layer_ids: np.ndarray, src_ids: np.ndarray, dst_ids: np.ndarray) -> CopyPlan:
+    """The same checks and runs as the numpy path, in Python, for a few pairs."""
+    pairs = sorted(zip(src_ids.tolist(), dst_ids.tolist()))
+    n_src, n_dst = src.num_blocks, dst.num_blocks
+    for name, ids, limit in (("src", [p[0] for p in pairs], n_src), ("dst", [p[1] for p in pairs], n_dst)):
+        bad = [i for i in ids if not 0 <= i < limit]
+        if bad:
+            raise InvalidArgumentError(
+                f"{name} block id {bad[0]} is out of range [0, {limit}) ({len(bad)} bad id(s))"
+            )
+    written: set[int] = set()
+    for _, d in pairs:
+        if d in written:
+            raise InvalidArgumentError(f"dst block {d} is written by more than one pair")
+        written.add(d)
+    if src is dst and written.intersection(p[0] for p in pairs):
+        raise InvalidArgumentError("within one pool, a block may not be both a source and a destination")
+    runs: list[list[int]] = []
+    for s, d in pairs:
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return CopyPlan(
+        src,
+        dst,
+        layer_ids,
+        np.array([p[0] for p in pairs], dtype=np.int64),
+        np.array([p[1] for p in pairs], dtype=np.int64),
+        np.array(runs, dtype=np.int64).reshape(-1, 3),
+    )
 
 
 def _typed(dtype: str | None) -> bool:
