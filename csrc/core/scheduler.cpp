@@ -173,7 +173,8 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
     on_joined(op);
   }
   // A close() that raced with this call may have scanned the shard before the op was inserted.
-  if (closed() && mode == Mode::kScheduled) decide(op, Decision::kCancel);
+  // close() cancels worker-only ops of either mode; do the same for one that slipped past it.
+  if (closed()) decide(op, Decision::kCancel);
 }
 
 uint64_t Scheduler::start_next_iteration() {
@@ -566,11 +567,19 @@ void Scheduler::count_into_slot(const OpPtr& op) {
   }
 }
 
+Scheduler::WaitStripe& Scheduler::stripe_for(const Op* op) {
+  // Ops are 16-byte aligned and std::hash of a pointer is the identity in libstdc++: mix the
+  // address so all stripes are used (found by the deterministic-schedule harness).
+  uint64_t x = reinterpret_cast<uintptr_t>(op) >> 4;
+  x *= 0x9e3779b97f4a7c15ULL;
+  return stripes_[(x >> 32) % stripes_.size()];
+}
+
 void Scheduler::notify_waiters(const Op& op) {
   // order: seq_cst — Note [waiter handshake]: after the seq_cst decision CAS, either we see the
   // waiter's increment, or the waiter's predicate check sees our decision.
   if (op.waiters.load(std::memory_order_seq_cst) == 0) return;
-  WaitStripe& s = stripes_[std::hash<const void*>{}(&op) % stripes_.size()];
+  WaitStripe& s = stripe_for(&op);
   { std::lock_guard<Mutex> lock(s.mu); }  // a waiter between its check and its sleep holds s.mu
   s.cv.notify_all();
 }
@@ -580,7 +589,7 @@ Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
   if (d != Decision::kNone || closed()) return d;
   // order: seq_cst — Note [waiter handshake].
   op->waiters.fetch_add(1, std::memory_order_seq_cst);
-  WaitStripe& s = stripes_[std::hash<const void*>{}(op.get()) % stripes_.size()];
+  WaitStripe& s = stripe_for(op.get());
   {
     std::unique_lock<Mutex> lock(s.mu);
     s.cv.wait_until(lock, deadline, [&] {

@@ -149,6 +149,7 @@ class Scheduler {
   bool end_op(const OpPtr& op, Outcome outcome, std::string error);
   void count_into_slot(const OpPtr& op);
   void notify_waiters(const Op& op);
+  WaitStripe& stripe_for(const Op* op);
   OpPtr standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode);
   void remember_removed(const std::vector<OpPtr>& ops);
   void deadline_loop();
