@@ -430,7 +430,9 @@ void Scheduler::on_joined(const OpPtr& op) {
   bump(counters_.joined);
   if (op->mode == Mode::kImmediate) return;  // already executing; counted through `counted`
   if (op->load_decision() != Decision::kNone) return;  // cancelled or timed out before the join
-  if (!gate_.add_unless_ready(op, progress_)) make_ready(op);
+  // Fast path: no requirement, or one that already holds (progress only grows), skips the gate
+  // lock; otherwise the gate re-checks under its lock (Gate::add_unless_ready).
+  if (progress_.holds(op->requirement) || !gate_.add_unless_ready(op, progress_)) make_ready(op);
 }
 
 void Scheduler::release_gated(uint64_t position) {

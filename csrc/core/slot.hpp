@@ -21,7 +21,7 @@
 namespace kvsched::core {
 
 struct Slot {
-  explicit Slot(std::string r) : rid(std::move(r)) {}
+  explicit Slot(std::string r) : rid(std::move(r)) { ops.reserve(8); }
 
   const std::string rid;
 
