@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--compute-ms", type=float, default=4.0, help="compute per layer (ms)")
     p.add_argument("--block-kib", type=int, default=64, help="block size of the engine simulation")
+    p.add_argument("--compute", choices=("spin", "sleep", "both"), default="both",
+                   help="layer compute: busy CPU work (spin), a CPU-free wait as when the layer "
+                        "runs on a GPU (sleep), or both (json: engine = spin, engine_sleep)")
     return p.parse_args(argv)
 
 
@@ -82,7 +85,11 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         cfg = EngineConfig(layers=args.layers, iterations=args.iterations or (4 if quick else 12),
                            requests=args.requests, block_bytes=args.block_kib * 1024,
                            compute_per_layer_s=args.compute_ms / 1e3, backend=backend)
-        result["engine"] = run_engine(cfg, progress=lambda m: say(f"engine: {m}"))
+        modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
+        for mode in modes:
+            cfg.compute = mode
+            key = "engine" if mode == modes[0] else f"engine_{mode}"
+            result[key] = run_engine(cfg, progress=lambda m: say(f"engine ({mode}): {m}"))
     return result
 
 

@@ -38,7 +38,9 @@ class EngineConfig:
     blocks_per_layer: int = 4       # blocks each request loads and stores per layer
     block_bytes: int = 64 * 1024
     compute_per_layer_s: float = 0.004
-    max_inflight: int = 16
+    max_inflight: int = 64
+    compute: str = "spin"         # "spin": busy CPU work; "sleep": the CPU is free, as when
+                                    # the layer runs on a GPU and the forward thread waits
     backend: str = "host"
 
 
@@ -95,12 +97,27 @@ class _Executor:
         self.thread.join(timeout=10)
 
 
+def _sleep_until(deadline: float) -> None:
+    """Waits without using the CPU (GIL released), precise to about 0.1 ms."""
+    while (left := deadline - time.perf_counter()) > 0:
+        time.sleep(left if left > 0.0005 else 0)
+
+
 def _pools(cfg: EngineConfig) -> tuple[BlockPool, BlockPool, int]:
     per_iter = cfg.requests * cfg.blocks_per_layer
     num_blocks = per_iter * 2
     elems = cfg.block_bytes // 4
-    gpu = np.zeros((cfg.layers, num_blocks, elems), dtype=np.float32)    # "device" KV cache
-    host = np.random.default_rng(0).random((cfg.layers, num_blocks, elems), dtype=np.float32)
+    shape = (cfg.layers, num_blocks, elems)
+    if cfg.backend == "cuda":
+        # A real device KV cache and pinned host blocks: copies run on the GPU's copy engines.
+        from ..transfer.cudart import DeviceBuffer, pinned_zeros
+
+        gpu: Any = DeviceBuffer(shape, np.float32)
+        host: Any = pinned_zeros(shape, np.float32)
+        host[...] = np.random.default_rng(0).random(shape, dtype=np.float32)
+    else:
+        gpu = np.zeros(shape, dtype=np.float32)    # the "device" KV cache
+        host = np.random.default_rng(0).random(shape, dtype=np.float32)
     return BlockPool.from_array(gpu), BlockPool.from_array(host), per_iter
 
 
@@ -118,13 +135,44 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool,
     all_stores: list[uuid.UUID] = []
     all_loads: list[uuid.UUID] = []
     try:
+        # The requests' block lists are drawn before the clock matters: the simulation times the
+        # scheduler and the copies, not numpy's random generator.
+        plans: dict[int, list[tuple[str, list[tuple[uuid.UUID, uuid.UUID, dict, dict]]]]] = {}
+        if transfer:
+            for it in range(1, cfg.iterations + 1):
+                reqs = []
+                for r in range(cfg.requests):
+                    ops = []
+                    for k in range(cfg.layers):
+                        # Scattered block ids, as a paged KV cache hands them out.
+                        src_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
+                        dst_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
+                        ops.append((uuid.uuid4(), uuid.uuid4(),
+                                    dict(src=host, dst=gpu, layers=[k],
+                                         pairs=np.stack([src_ids, dst_ids], axis=1)),
+                                    dict(src=gpu, dst=host, layers=[k], gate=(it, k),
+                                         pairs=np.stack([dst_ids, src_ids], axis=1))))
+                    reqs.append((f"req{r}-it{it}", ops))
+                plans[it] = reqs
+        t0 = ex.t0 = time.perf_counter()
+
         def onboard(it: int) -> list[list[uuid.UUID]]:
             """Schedules iteration `it`'s requests: LOADs (no requirement: they run as soon as a
             token is free, ahead of the layer that reads them) and STOREs gated on
             LayerComplete(k, it)."""
             ids: list[list[uuid.UUID]] = [[] for _ in range(cfg.layers)]
-            if not transfer:
-                return ids
+            for rid, ops in plans.get(it, []):
+                w.create_slot(rid)
+                for k, (lu, su, load_spec, store_spec) in enumerate(ops):
+                    specs[lu], specs[su] = load_spec, store_spec
+                    w.enqueue(rid, lu, TransferKind.LOAD)
+                    w.enqueue(rid, su, TransferKind.STORE)
+                    t.schedule(rid, lu)
+                    t.schedule(rid, su, requirement=LayerComplete(k, it))
+                    ids[k].append(lu)
+                    all_loads.append(lu)
+                    all_stores.append(su)
+            return ids
             for r in range(cfg.requests):
                 rid = f"req{r}-it{it}"
                 w.create_slot(rid)
@@ -161,7 +209,10 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool,
                         job.wait(30)
                 if compute:
                     c0 = time.perf_counter()
-                    _core._spin(cfg.compute_per_layer_s)
+                    if cfg.compute == "spin":
+                        _core._spin(cfg.compute_per_layer_s)
+                    else:
+                        _sleep_until(c0 + cfg.compute_per_layer_s)
                     tl.compute.append((c0 - t0, time.perf_counter() - t0))
                 ex.mark_times[(it, k)] = time.perf_counter()
                 w.mark_layer_complete(k)
@@ -204,6 +255,7 @@ def run_engine(cfg: EngineConfig, progress: Callable[[str], None] | None = None)
     hidden = (compute_s + transfer_s - wall_s) / transfer_s if transfer_s > 0 else 0.0
     handoff = np.array(both["handoff_us"] or [0.0])
     return {
+        "compute_mode": cfg.compute,
         "layers": cfg.layers,
         "iterations": cfg.iterations,
         "requests": cfg.requests,

@@ -47,8 +47,13 @@ def print_report(result: dict[str, Any], console: Console) -> None:
                   f"{row['kvsched_gbps'] / row['per_block_gbps']:.2f}")
     console.print(t)
 
-    e = result["engine"]
-    t = Table(title="engine simulation")
+    for key in ("engine", "engine_sleep", "engine_spin"):
+        if key in result:
+            _engine_table(result[key], console)
+
+
+def _engine_table(e: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"engine simulation (compute: {e.get('compute_mode', 'spin')})")
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_row("layers x iterations x requests", f"{e['layers']} x {e['iterations']} x {e['requests']}")
@@ -68,7 +73,9 @@ def _size(n: int) -> str:
 
 def write_json(result: dict[str, Any], path: str) -> None:
     data = {k: v for k, v in result.items()}
-    data["engine"] = {k: v for k, v in result["engine"].items() if k != "timeline"}
+    for key in ("engine", "engine_sleep", "engine_spin"):
+        if key in result:
+            data[key] = {k: v for k, v in result[key].items() if k != "timeline"}
     with open(path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
