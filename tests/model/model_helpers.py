@@ -36,7 +36,8 @@ def write_report(name: str, figures: dict) -> None:
         (d / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-FIGURES: dict = {"examples": 0, "steps": 0, "calls_compared": 0, "errors_compared": 0,
+FIGURES: dict = {"examples": 0, "steps": 0, "calls_compared": 0, "ok_calls": 0,
+                 "errors_compared": 0,
                  "error_types": collections.Counter(), "bad_inputs": collections.Counter(),
                  "rules": collections.Counter(), "decisions_compared": 0}
 

@@ -35,6 +35,8 @@ __all__ = ["TransferEngine"]
 
 log = logging.getLogger("kvsched")
 
+_EXECUTE = Decision.EXECUTE
+
 _HOST_OPTIONS = ("workers", "split_bytes", "event_timeout")
 _CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime")
 
@@ -135,7 +137,7 @@ class TransferEngine:
         if not callable(getattr(h, "mark_complete", None)):
             raise TypeError(f"h must be a scheduler handle with mark_complete(), got {type(h).__name__}")
         decision = h.decision
-        if decision != Decision.EXECUTE:
+        if decision is not _EXECUTE and decision != _EXECUTE:
             state = "undecided" if decision is None else f"decided {getattr(decision, 'name', decision)}"
             raise ProtocolError(
                 f"request {rid!r} op {uid}: only an EXECUTE handle can be submitted, this one is {state}"
@@ -146,31 +148,30 @@ class TransferEngine:
             raise InvalidArgumentError(f"request {rid!r} op {uid}: {exc}") from None
         except TypeError as exc:
             raise TypeError(f"request {rid!r} op {uid}: {exc}") from None
-        kind = _kind(plan.src.is_cuda, plan.dst.is_cuda)
-        backend = self._backend_for(kind, rid, uid)
+        kind = plan.kind
+        backend = self._host if kind == "h2h" and self._host is not None else self._backend_for(kind, rid, uid)
 
         key = uid if uid is not None else id(h)
-        with self._lock:
-            if key in self._inflight:
+        inflight, stats = self._inflight, self._stats
+        with self._lock:  # counted as submitted now, taken back if the backend refuses it
+            if key in inflight:
                 raise ProtocolError(f"request {rid!r} op {uid} is already being transferred")
-            self._inflight.add(key)
+            inflight.add(key)
+            stats["submitted"] += 1
         job = TransferJob(h, plan, kind)
         job._add_callback(lambda j, key=key: self._on_finished(j, key))
-        if plan.num_blocks == 0 or plan.layers.size == 0:
-            with self._lock:
-                self._stats["submitted"] += 1
+        if plan.num_blocks == 0 or plan.num_layers == 0:
             job._finish(None)  # nothing to move
             return job
         try:
             backend.submit(job, compute_event=compute_event, wait_event=wait_event)
         except BaseException as exc:
             with self._lock:
-                self._inflight.discard(key)
+                inflight.discard(key)
+                stats["submitted"] -= 1
                 if isinstance(exc, TransferQueueFullError):
-                    self._stats["rejected"] += 1
+                    stats["rejected"] += 1
             raise
-        with self._lock:
-            self._stats["submitted"] += 1
         return job
 
     def _backend_for(self, kind: str, rid: Any, uid: Any) -> Any:
@@ -253,16 +254,6 @@ class TransferEngine:
 
     def __repr__(self) -> str:
         return f"TransferEngine(backend={self.backend!r}, pending={self.pending}, closed={self._closed})"
-
-
-def _kind(src_cuda: bool, dst_cuda: bool) -> str:
-    if src_cuda and dst_cuda:
-        return "d2d"
-    if src_cuda:
-        return "d2h"
-    if dst_cuda:
-        return "h2d"
-    return "h2h"
 
 
 def _abandon(backends: list[Any]) -> None:

@@ -13,6 +13,9 @@ It is the default where no GPU is present, so every transfer path runs on a CPU-
   their per-block cost is C, not Python.
 * A failure (an exception in a copy, a wait that timed out, or the ``fault_hook``) marks the
   handle failed with the reason; other jobs go on.
+* Submission is cheap: one lock, a deque append, and a wake-up only when a worker is asleep and
+  not already woken (a worker that is awake takes queued jobs before it sleeps again). Jobs carry
+  no Event or Lock of their own (see :mod:`kvsched.transfer.job`).
 * ``compute_event`` / ``wait_event`` may be objects with ``wait(timeout)`` (``threading.Event``):
   the worker waits for them before copying, the host analogue of the GPU-side gating of the cuda
   backend (used by simulated engines). The forward thread never waits.
@@ -55,6 +58,9 @@ class _JobState:
         self.waits = waits
 
 
+_NO_WAITS: list[Any] = []
+
+
 class HostBackend:
     """Copies host pools on ``workers`` threads. See the module docstring."""
 
@@ -80,12 +86,18 @@ class HostBackend:
         self.split_bytes = int(split_bytes)
         self.event_timeout = float(event_timeout)
         self.fault_hook = fault_hook
-        self._tasks: deque[tuple[TransferJob, _Part]] = deque()
-        self._cond = threading.Condition()
+        # (job, part) tasks; part None: the whole job. One lock guards the queue and counters.
+        # Workers sleep on _work; _sleeping counts those not notified yet, so a submit wakes a
+        # worker only when none is awake to find its task. wait_idle / close sleep on _idle.
+        self._tasks: deque[tuple[TransferJob, _Part | None]] = deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._sleeping = 0  # workers waiting on _work
         self._pending = 0
         self._closing = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"kvsched-host-copy-{i}", daemon=True)
+            threading.Thread(target=self._run, name=f"kvsched-host-copy-{i}", daemon=True)
             for i in range(self.workers)
         ]
         for t in self._threads:
@@ -101,24 +113,29 @@ class HostBackend:
     def submit(self, job: TransferJob, compute_event: Any = None, wait_event: Any = None) -> None:
         """Queue ``job``; never copies on the caller's thread and never blocks on a full queue."""
         plan = job.plan
-        for pool in (plan.src, plan.dst):
-            if pool.is_cuda:
-                raise InvalidArgumentError(f"the host backend cannot reach {pool.device} memory")
-        waits = [e for e in _as_list(compute_event) + _as_list(wait_event)]
-        for ev in waits:
-            if not callable(getattr(ev, "wait", None)):
-                raise InvalidArgumentError(
-                    f"host backend: events must have wait(timeout) (threading.Event), got {type(ev).__name__}"
-                )
-        parts = 1
+        if plan.kind != "h2h":
+            pool = plan.src if plan.src.is_cuda else plan.dst
+            raise InvalidArgumentError(f"the host backend cannot reach {pool.device} memory")
+        if compute_event is None and wait_event is None:
+            waits = _NO_WAITS
+        else:
+            waits = _as_list(compute_event) + _as_list(wait_event)
+            for ev in waits:
+                if not callable(getattr(ev, "wait", None)):
+                    raise InvalidArgumentError(
+                        f"host backend: events must have wait(timeout) (threading.Event), got {type(ev).__name__}"
+                    )
+        chunks: list[_Part] | None = None
         # Split only big jobs of long runs: the copies release the GIL, the Python between them
         # does not, so short runs copied by several workers just fight over the GIL.
-        avg_run_bytes = plan.num_blocks * plan.src.piece_bytes // max(plan.runs.shape[0], 1)
-        if self.workers > 1 and plan.nbytes >= self.split_bytes and avg_run_bytes >= _SPLIT_RUN_BYTES:
-            parts = min(self.workers, max(int(plan.nbytes // max(self.split_bytes // 2, 1)), 1))
-        chunks = _split(plan, parts)
-        job._backend_state = _JobState(len(chunks), waits)
-        with self._cond:
+        if self.workers > 1 and plan.nbytes >= self.split_bytes:
+            avg_run_bytes = plan.num_blocks * plan.src.piece_bytes // max(plan.num_runs, 1)
+            if avg_run_bytes >= _SPLIT_RUN_BYTES:
+                parts = min(self.workers, max(int(plan.nbytes // max(self.split_bytes // 2, 1)), 1))
+                if parts > 1:
+                    chunks = _split(plan, parts)
+        job._backend_state = _JobState(1 if chunks is None else len(chunks), waits)
+        with self._lock:
             if self._closing:
                 raise TransferEngineClosedError("the transfer engine is closed")
             if self._pending >= self.max_pending:
@@ -127,19 +144,29 @@ class HostBackend:
                     f"request {job.request_id!r} op {job.uuid} was not submitted, retry later"
                 )
             self._pending += 1
-            self._tasks.extend((job, chunk) for chunk in chunks)
-            self._cond.notify(len(chunks))
+            if chunks is None:
+                self._tasks.append((job, None))
+                if self._sleeping:  # else every worker is awake and will look at the queue
+                    self._sleeping -= 1
+                    self._work.notify()
+            else:
+                self._tasks.extend((job, chunk) for chunk in chunks)
+                wake = min(self._sleeping, len(chunks))
+                if wake:
+                    self._sleeping -= wake
+                    self._work.notify(wake)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every queued job, then stop the workers. Idempotent. False on timeout."""
-        with self._cond:
+        with self._lock:
             self._closing = True
-            idle = self._cond.wait_for(lambda: self._pending == 0, timeout)
-            self._cond.notify_all()
+            idle = self._idle.wait_for(lambda: self._pending == 0, timeout)
+            self._sleeping = 0
+            self._work.notify_all()
         if idle:
             for t in self._threads:
                 if t is not threading.current_thread():
@@ -148,14 +175,16 @@ class HostBackend:
 
     # ------------------------------------------------------------------------------ workers
 
-    def _work(self) -> None:
+    def _run(self) -> None:
+        lock, work, tasks = self._lock, self._work, self._tasks
         while True:
-            with self._cond:
-                while not self._tasks and not (self._closing and self._pending == 0):
-                    self._cond.wait()
-                if not self._tasks:
-                    return
-                job, part = self._tasks.popleft()
+            with lock:
+                while not tasks:
+                    if self._closing and self._pending == 0:
+                        return
+                    self._sleeping += 1  # the notifier takes it back off
+                    work.wait()
+                job, part = tasks.popleft()
             state: _JobState = job._backend_state
             error: BaseException | None = None
             try:
@@ -167,16 +196,22 @@ class HostBackend:
                 _copy(job.plan, part)
             except BaseException as exc:  # noqa: BLE001 - every failure becomes the handle's reason
                 error = exc
-            with self._cond:
-                state.remaining -= 1
-                if error is not None and state.error is None:
-                    state.error = error
-                last = state.remaining == 0
-            if last:
-                job._finish(state.error)
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
+            if part is not None:  # one share of a split job: the last share to end finishes it
+                with lock:
+                    state.remaining -= 1
+                    if error is not None and state.error is None:
+                        state.error = error
+                    if state.remaining:
+                        continue
+                error = state.error
+            job._finish(error)
+            with lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.notify_all()
+                    if self._closing:
+                        self._sleeping = 0
+                        work.notify_all()
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -220,22 +255,40 @@ def _split(plan: Any, parts: int) -> list[_Part]:
     return out
 
 
-def _copy(plan: Any, part: _Part) -> None:
-    runs = part.runs
-    if runs.shape[0] == 0:
-        return
-    avg_run_bytes = (int(part.src_ids.size) * plan.src.piece_bytes) // runs.shape[0]
-    few = runs.shape[0] <= _FEW_RUNS or avg_run_bytes >= _GATHER_BELOW
-    run_list = runs.tolist() if few else None
-    for layer in part.layers.tolist():
-        for piece in range(plan.src.num_pieces):
-            src_rows, src_items = _views(plan.src, layer, piece)
-            dst_rows, dst_items = _views(plan.dst, layer, piece)
+def _copy(plan: Any, part: _Part | None) -> None:
+    """Copy ``part`` of ``plan`` (None: all of it)."""
+    if part is None:
+        n_runs = plan.num_runs
+        if n_runs == 0:
+            return
+        layers = plan.layer_list
+        num_blocks = plan.num_blocks
+    else:
+        n_runs = part.runs.shape[0]
+        if n_runs == 0:
+            return
+        layers = part.layers.tolist()
+        num_blocks = int(part.src_ids.size)
+    src, dst = plan.src, plan.dst
+    few = n_runs <= _FEW_RUNS or (num_blocks * src.piece_bytes) // n_runs >= _GATHER_BELOW
+    if few:
+        runs = plan.run_list if part is None else part.runs.tolist()
+    else:
+        src_ids = plan.src_ids if part is None else part.src_ids
+        dst_ids = plan.dst_ids if part is None else part.dst_ids
+    pieces = range(src.num_pieces)
+    for layer in layers:
+        for piece in pieces:
+            src_rows, src_items = _views(src, layer, piece)
+            dst_rows, dst_items = _views(dst, layer, piece)
             if few:
-                for s, d, n in run_list:
-                    dst_rows[d : d + n] = src_rows[s : s + n]
+                for s, d, n in runs:
+                    if n == 1:
+                        dst_rows[d] = src_rows[s]
+                    else:
+                        dst_rows[d : d + n] = src_rows[s : s + n]
             else:
-                dst_items[part.dst_ids] = src_items[part.src_ids]
+                dst_items[dst_ids] = src_items[src_ids]
 
 
 def _views(pool: BlockPool, layer: int, piece: int) -> tuple[np.ndarray, np.ndarray]:

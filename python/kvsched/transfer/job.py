@@ -21,6 +21,12 @@ __all__ = ["TransferJob"]
 
 log = logging.getLogger("kvsched")
 
+# A job is running, then finishing (one backend thread claimed it and is marking the handle),
+# then done (handle marked, callbacks run: wait() returns). One lock for all jobs guards the
+# claim and the lazily made Event, so a job costs no lock or Event unless someone waits on it.
+_RUNNING, _FINISHING, _DONE = 0, 1, 2
+_LOCK = threading.Lock()
+
 
 class TransferJob:
     """One transfer. ``kind`` is ``"h2h"``, ``"h2d"`` (load), ``"d2h"`` (store) or ``"d2d"``.
@@ -36,25 +42,28 @@ class TransferJob:
         self.plan = plan
         self.kind = kind
         self.nbytes = plan.nbytes
-        self.num_copies = plan.num_copies
         self.submitted_at = time.perf_counter()
         self.finished_at: float | None = None
         self.error: str | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._finished = False
+        self._state = _RUNNING
+        self._event: threading.Event | None = None  # made only when someone waits
         self._callbacks: list[Callable[["TransferJob"], None]] = []
         self._gpu: Any = None  # the cuda backend that can make a stream wait on this job
 
     # ------------------------------------------------------------------------------ queries
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._state == _DONE
 
     @property
     def ok(self) -> bool:
         """True once finished successfully."""
-        return self._done.is_set() and self.error is None
+        return self._state == _DONE and self.error is None
+
+    @property
+    def num_copies(self) -> int:
+        """Copies (one per layer, piece and run of consecutive blocks) the job makes."""
+        return self.plan.num_copies
 
     @property
     def seconds(self) -> float | None:
@@ -63,14 +72,22 @@ class TransferJob:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job finished (True) or ``timeout`` seconds passed (False)."""
-        return self._done.wait(timeout)
+        if self._state == _DONE:
+            return True
+        with _LOCK:
+            if self._state == _DONE:
+                return True
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        return event.wait(timeout)
 
     def wait_on(self, stream: Any) -> None:
         """Make ``stream`` (a CUDA stream: int handle, torch/cupy/cuda.core stream) wait on the GPU
         until this job's copies are done, without blocking the host. Cuda backend only; a no-op
         once the job has completed."""
         if self._gpu is None:
-            if self._done.is_set():
+            if self._state == _DONE:
                 return
             raise TransferError(
                 f"{self.kind} job of request {self.request_id!r} op {self.uuid} has no CUDA event "
@@ -99,10 +116,10 @@ class TransferJob:
 
     def _finish(self, error: BaseException | str | None = None) -> None:
         """Record the outcome and mark the handle. Called once by a backend; later calls are ignored."""
-        with self._lock:
-            if self._finished:
+        with _LOCK:
+            if self._state != _RUNNING:
                 return
-            self._finished = True
+            self._state = _FINISHING
         self.finished_at = time.perf_counter()
         handle, self.handle = self.handle, None
         if error is not None:
@@ -131,7 +148,11 @@ class TransferJob:
                 fn(self)
             except Exception:  # bookkeeping must never stop completion
                 log.exception("kvsched: transfer job callback failed")
-        self._done.set()
+        with _LOCK:
+            self._state = _DONE
+            event = self._event
+        if event is not None:
+            event.set()
 
 
 def _describe(error: BaseException | str) -> str:

@@ -8,11 +8,15 @@ Copies are coalesced: pairs are sorted by (src, dst) and each maximal run of con
 blocks landing on consecutive destination blocks becomes one copy per layer and piece, provided
 both pools are *dense* (the same piece of adjacent blocks is adjacent in memory). Otherwise each
 block is its own copy.
+
+Checking is the fixed cost of every ``submit``, so it is kept small for the common request (a few
+scattered blocks of one layer): the pool-pair checks are remembered per (src, dst) pair, and small
+requests are checked with plain Python and coalesced lazily (see :func:`build_plan`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
 from typing import Any
 
 import numpy as np
@@ -25,37 +29,165 @@ __all__ = ["CopyPlan", "build_plan"]
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
-@dataclass(frozen=True, eq=False)
 class CopyPlan:
     """A validated transfer: ``src_ids[i] -> dst_ids[i]`` for every layer in ``layers``.
 
-    ``runs`` is an ``(R, 3)`` int64 array of ``(src_start, dst_start, length)``."""
+    ``src_ids`` / ``dst_ids`` are sorted by (src, dst); ``runs`` is an ``(R, 3)`` int64 array of
+    ``(src_start, dst_start, length)``. Treat as immutable.
 
-    src: BlockPool
-    dst: BlockPool
-    layers: np.ndarray
-    src_ids: np.ndarray
-    dst_ids: np.ndarray
-    runs: np.ndarray
+    A small plan (see :func:`build_plan`) is checked on the submitting thread but keeps its pairs
+    as Python lists: it sorts and coalesces them, and makes numpy arrays, only when something asks
+    (the host backend's worker reads :attr:`run_list`; the cuda backend calls :meth:`segments`).
+    The results are the same as an eagerly built plan's."""
 
-    @property
-    def num_blocks(self) -> int:
-        return int(self.src_ids.size)
+    __slots__ = (
+        "src",
+        "dst",
+        "kind",
+        "merged",
+        "num_blocks",
+        "nbytes",
+        "_num_pieces",
+        "_num_copies",
+        "_layers",
+        "_src_ids",
+        "_dst_ids",
+        "_runs",
+        "_layer_list",
+        "_run_list",
+        "_sorted",
+        "_pairs",
+        "_n_dst",
+    )
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes moved by the whole transfer."""
-        return self.num_blocks * int(self.layers.size) * self.src.block_bytes
+    def __init__(
+        self,
+        src: BlockPool,
+        dst: BlockPool,
+        layers: np.ndarray,
+        src_ids: np.ndarray,
+        dst_ids: np.ndarray,
+        runs: np.ndarray,
+    ) -> None:
+        facts = _pair_facts(src, dst)
+        n_layers, n_blocks = int(layers.size), int(src_ids.size)
+        self.src, self.dst, self.kind, self.merged = src, dst, facts.kind, facts.merged
+        self.num_blocks = n_blocks
+        self.nbytes = n_blocks * n_layers * facts.block_bytes
+        self._num_pieces = facts.num_pieces
+        self._num_copies = n_layers * facts.num_pieces * (int(runs.shape[0]) if facts.merged else n_blocks)
+        self._layers, self._src_ids, self._dst_ids, self._runs = layers, src_ids, dst_ids, runs
+        self._layer_list = self._run_list = self._sorted = self._pairs = self._n_dst = None
 
-    @property
-    def merged(self) -> bool:
-        """True when each run is one copy per (layer, piece); False when each block is."""
-        return self.src.is_dense and self.dst.is_dense
+    @classmethod
+    def _from_lists(
+        cls, src: BlockPool, dst: BlockPool, facts: "_PairFacts", layers: list[int], srcs: list[int], dsts: list[int]
+    ) -> "CopyPlan":
+        """A small plan of checked, not yet sorted pairs ``srcs[i] -> dsts[i]`` (Python ints)."""
+        self = cls.__new__(cls)
+        n_blocks = len(srcs)
+        self.src, self.dst, self.kind, self.merged = src, dst, facts.kind, facts.merged
+        self.num_blocks = n_blocks
+        self.nbytes = n_blocks * len(layers) * facts.block_bytes
+        self._num_pieces = facts.num_pieces
+        self._num_copies = None if facts.merged else len(layers) * facts.num_pieces * n_blocks
+        self._layer_list, self._pairs, self._n_dst = layers, (srcs, dsts), facts.n_dst
+        self._layers = self._src_ids = self._dst_ids = self._runs = self._run_list = self._sorted = None
+        return self
+
+    def _coalesce(self) -> None:
+        """Sort the pairs of a small plan by (src, dst) and find its runs (see ``_runs``)."""
+        srcs, dsts = self._pairs
+        mul = self._n_dst + 1  # key = s * mul + d orders by (s, d); d < mul
+        keys = [s * mul + d for s, d in zip(srcs, dsts)]
+        keys.sort()
+        # (s, d) follows (s - 1, d - 1) exactly when its key is step more: with |d - d'| < mul no
+        # other pair of keys is step apart.
+        step = mul + 1
+        ss: list[int] = []
+        ds: list[int] = []
+        runs: list[list[int]] = []
+        run: list[int] = []
+        prev = -step - 1
+        for k in keys:
+            s, d = divmod(k, mul)
+            ss.append(s)
+            ds.append(d)
+            if k == prev + step:
+                run[2] += 1
+            else:
+                run = [s, d, 1]
+                runs.append(run)
+            prev = k
+        self._sorted = (ss, ds)
+        self._run_list = runs
+
+    # ------------------------------------------------------------------------- lazily made
 
     @property
     def num_copies(self) -> int:
-        per_piece = self.runs.shape[0] if self.merged else self.num_blocks
-        return int(self.layers.size) * self.src.num_pieces * per_piece
+        if self._num_copies is None:
+            self._num_copies = len(self.layer_list) * self._num_pieces * len(self.run_list)
+        return self._num_copies
+
+    @property
+    def layers(self) -> np.ndarray:
+        if self._layers is None:
+            self._layers = np.array(self._layer_list, dtype=np.int64)
+        return self._layers
+
+    @property
+    def src_ids(self) -> np.ndarray:
+        if self._src_ids is None:
+            if self._sorted is None:
+                self._coalesce()
+            self._src_ids = np.array(self._sorted[0], dtype=np.int64)
+        return self._src_ids
+
+    @property
+    def dst_ids(self) -> np.ndarray:
+        if self._dst_ids is None:
+            if self._sorted is None:
+                self._coalesce()
+            self._dst_ids = np.array(self._sorted[1], dtype=np.int64)
+        return self._dst_ids
+
+    @property
+    def runs(self) -> np.ndarray:
+        if self._runs is None:
+            self._runs = np.array(self.run_list, dtype=np.int64).reshape(-1, 3)
+        return self._runs
+
+    @property
+    def layer_list(self) -> list[int]:
+        """``layers`` as a list of ints."""
+        if self._layer_list is None:
+            self._layer_list = self._layers.tolist()
+        return self._layer_list
+
+    @property
+    def run_list(self) -> list[list[int]]:
+        """``runs`` as a list of ``[src_start, dst_start, length]``."""
+        if self._run_list is None:
+            if self._pairs is not None:
+                self._coalesce()
+            else:
+                self._run_list = self._runs.tolist()
+        return self._run_list
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layer_list) if self._layer_list is not None else int(self._layers.size)
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.run_list) if self._runs is None else int(self._runs.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"CopyPlan({self.kind}, blocks={self.num_blocks}, layers={self.num_layers}, "
+            f"runs={self.num_runs}, bytes={self.nbytes}, copies={self.num_copies})"
+        )
 
     def segments(self, layers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Absolute ``(src_addrs, dst_addrs, sizes)`` int64 arrays, one entry per copy, ordered
@@ -63,8 +195,9 @@ class CopyPlan:
         layers = self.layers if layers is None else np.asarray(layers, dtype=np.int64)
         src, dst = self.src, self.dst
         if self.merged:
-            s0, d0 = self.runs[:, 0], self.runs[:, 1]
-            sizes = self.runs[:, 2] * src.piece_bytes
+            runs = self.runs
+            s0, d0 = runs[:, 0], runs[:, 1]
+            sizes = runs[:, 2] * src.piece_bytes
         else:
             s0, d0 = self.src_ids, self.dst_ids
             sizes = np.full(s0.shape, src.piece_bytes, dtype=np.int64)
@@ -92,10 +225,59 @@ def _bases(pool: BlockPool, layers: np.ndarray) -> np.ndarray:
 
 def build_plan(src: Any, dst: Any, pairs: Any, layers: Any = None) -> CopyPlan:
     """Check a request and coalesce it into runs. Raises ``InvalidArgumentError`` (a ``ValueError``)
-    for bad values and ``TypeError`` for wrong types; nothing is copied either way."""
+    for bad values and ``TypeError`` for wrong types; nothing is copied either way.
+
+    Small well-formed requests (1 to ``_SMALL`` pairs of ints in an integer array or in Python
+    lists/tuples, layers as Python ints) are checked in plain Python with no numpy call, and
+    sorted and coalesced only when the plan is used (on the host backend: by the worker). Anything
+    the fast path does not accept, valid or not, goes through the general path, which raises every
+    error with the same message either way."""
+    facts = _pair_facts(src, dst)
+    layer_list = _fast_layers(facts, layers)
+    if layer_list is not None:
+        plist = _fast_pairs(pairs, facts)
+        if plist is not None:
+            plan = _fast_plan(src, dst, facts, layer_list, plist)
+            if plan is not None:
+                return plan
+    return _general_plan(src, dst, pairs, layers)
+
+
+class _PairFacts:
+    """What ``build_plan`` needs to know about a (src, dst) pool pair once it was found compatible."""
+
+    __slots__ = ("kind", "merged", "block_bytes", "num_pieces", "n_src", "n_dst", "layer_limit", "num_layers")
+
+    def __init__(self, src: BlockPool, dst: BlockPool) -> None:
+        src_cuda, dst_cuda = src.is_cuda, dst.is_cuda
+        self.kind = ("d2d" if dst_cuda else "d2h") if src_cuda else ("h2d" if dst_cuda else "h2h")
+        self.merged = src.is_dense and dst.is_dense
+        self.block_bytes = src.block_bytes
+        self.num_pieces = src.num_pieces
+        self.n_src, self.n_dst = src.num_blocks, dst.num_blocks
+        self.layer_limit = min(src.num_layers, dst.num_layers)
+        # layers=None copies every layer; only valid when both pools have the same count
+        self.num_layers = src.num_layers if src.num_layers == dst.num_layers else None
+
+
+# At most this many destination pools remembered per source pool (then the table starts over).
+_PAIR_TABLE_MAX = 64
+
+
+def _pair_facts(src: Any, dst: Any) -> _PairFacts:
+    """Check that ``src`` can be copied to ``dst`` (types, writable destination, block size,
+    pieces, dtype) and return their facts. A compatible pair is remembered on ``src`` (keyed by
+    ``id(dst)``, with a weak reference to tell a reused id apart), so the checks run once per pair:
+    pools do not change after construction. An incompatible pair is checked (and raises) every
+    time."""
     for name, pool in (("src", src), ("dst", dst)):
         if not isinstance(pool, BlockPool):
             raise TypeError(f"{name} must be a kvsched.BlockPool, got {type(pool).__name__}")
+    table = src._cache.get("plan_pairs")
+    if table is not None:
+        hit = table.get(id(dst))
+        if hit is not None and hit[0]() is dst:
+            return hit[1]
     if dst.readonly:
         raise InvalidArgumentError("the destination pool is read-only")
     if src.block_bytes != dst.block_bytes:
@@ -109,7 +291,89 @@ def build_plan(src: Any, dst: Any, pairs: Any, layers: Any = None) -> CopyPlan:
         )
     if _typed(src.dtype) and _typed(dst.dtype) and src.dtype != dst.dtype:
         raise InvalidArgumentError(f"dtypes differ: src {src.dtype}, dst {dst.dtype}")
+    facts = _PairFacts(src, dst)
+    if table is None or len(table) >= _PAIR_TABLE_MAX:
+        table = src._cache["plan_pairs"] = {}
+    table[id(dst)] = (weakref.ref(dst), facts)
+    return facts
 
+
+def _fast_layers(facts: _PairFacts, layers: Any) -> list[int] | None:
+    """``layers`` as a list of valid, distinct layer indices, or None to take the general path."""
+    if layers is None:
+        return None if facts.num_layers is None else list(range(facts.num_layers))
+    limit = facts.layer_limit
+    t = type(layers)
+    if t is int:  # not bool: type(True) is bool
+        return [layers] if 0 <= layers < limit else None
+    if t is list or t is tuple:
+        out = list(layers)
+        for layer in out:
+            if type(layer) is not int or not 0 <= layer < limit:
+                return None
+        if len(out) > 1 and len(set(out)) != len(out):
+            return None
+        return out
+    return None
+
+
+def _fast_pairs(pairs: Any, facts: _PairFacts) -> tuple[list[int], list[int]] | None:
+    """1 to ``_SMALL`` pairs of ints, all in range, as two new lists of Python ints (sources,
+    destinations); None when ``pairs`` is anything else or an id is out of range (general path)."""
+    n_src, n_dst = facts.n_src, facts.n_dst
+    t = type(pairs)
+    if t is np.ndarray:
+        shape = pairs.shape
+        dtype = pairs.dtype
+        if len(shape) != 2 or shape[1] != 2 or not 0 < shape[0] <= _SMALL or dtype.kind not in "iu":
+            return None
+        if shape[0] > _NUMPY_RANGE_CHECK and dtype.isnative:
+            # one reduction instead of four passes over lists; negative ids wrap to huge values
+            hi = pairs.view(_UNSIGNED[dtype.itemsize]).max(axis=0).tolist()
+            if hi[0] >= n_src or hi[1] >= n_dst:
+                return None
+            srcs, dsts = pairs.T.tolist()
+            return srcs, dsts
+        srcs, dsts = pairs.T.tolist()
+    elif (t is list or t is tuple) and 0 < len(pairs) <= _SMALL:
+        srcs, dsts = [], []
+        for p in pairs:
+            tp = type(p)
+            if (tp is list or tp is tuple) and len(p) == 2:
+                s, d = p
+                if type(s) is int and type(d) is int:
+                    srcs.append(s)
+                    dsts.append(d)
+                    continue
+            return None
+    else:
+        return None
+    if min(srcs) < 0 or max(srcs) >= n_src or min(dsts) < 0 or max(dsts) >= n_dst:
+        return None
+    return srcs, dsts
+
+
+# Arrays of more pairs than this are range-checked with numpy (cheaper than min/max over lists).
+_NUMPY_RANGE_CHECK = 16
+_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+
+
+def _fast_plan(
+    src: BlockPool, dst: BlockPool, facts: _PairFacts, layers: list[int], pairs: tuple[list[int], list[int]]
+) -> CopyPlan | None:
+    """The rest of the general path's checks for a few in-range pairs, in Python; None when one
+    fails (the general path then raises the error). Sorting and coalescing are left to the plan
+    (done when needed)."""
+    srcs, dsts = pairs
+    written = set(dsts)
+    if len(written) != len(dsts):
+        return None
+    if src is dst and not written.isdisjoint(srcs):
+        return None
+    return CopyPlan._from_lists(src, dst, facts, layers, srcs, dsts)
+
+
+def _general_plan(src: BlockPool, dst: BlockPool, pairs: Any, layers: Any) -> CopyPlan:
     layer_ids = _layers(src, dst, layers)
     src_ids, dst_ids = _pairs(pairs)
     if src_ids.size <= _SMALL:
