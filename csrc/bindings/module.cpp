@@ -73,15 +73,24 @@ int hexval(char c) {
 // uuid: a uuid.UUID, its 16 bytes, or any string form uuid.UUID() accepts.
 Uuid to_uuid_impl(py::handle obj);
 
+template <class F>
+auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f()) {
+  // The prefix is built only on the error path: formatting a uuid costs more than the call.
+  auto where = [&] {
+    return "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
+  };
+  try {
+    return f();
+  } catch (const Error& e) {
+    throw Error(e.code(), where() + e.what());
+  } catch (const py::type_error& e) {
+    throw py::type_error(where() + e.what());
+  }
+}
+
 // Converts with the request id named in any error message (SPEC S8).
 Uuid to_uuid(py::handle obj, const std::string& rid) {
-  try {
-    return to_uuid_impl(obj);
-  } catch (const Error& e) {
-    throw Error(e.code(), "request '" + rid + "': " + e.what());
-  } catch (const py::type_error& e) {
-    throw py::type_error("request '" + rid + "': " + e.what());
-  }
+  return with_context(rid, nullptr, [&] { return to_uuid_impl(obj); });
 }
 
 Uuid to_uuid_impl(py::handle obj) {
@@ -162,21 +171,6 @@ int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
   if (overflow || v < lo || v > hi)
     invalid(std::string(what) + " out of range: " + py::str(obj).cast<std::string>());
   return v;
-}
-
-template <class F>
-auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f()) {
-  // The prefix is built only on the error path: formatting a uuid costs more than the call.
-  auto where = [&] {
-    return "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
-  };
-  try {
-    return f();
-  } catch (const Error& e) {
-    throw Error(e.code(), where() + e.what());
-  } catch (const py::type_error& e) {
-    throw py::type_error(where() + e.what());
-  }
 }
 
 Kind to_kind(py::handle obj, const std::string& rid, const Uuid& u) {

@@ -173,26 +173,6 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool,
                     all_loads.append(lu)
                     all_stores.append(su)
             return ids
-            for r in range(cfg.requests):
-                rid = f"req{r}-it{it}"
-                w.create_slot(rid)
-                for k in range(cfg.layers):
-                    # Scattered block ids, as a paged KV cache hands them out.
-                    src_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
-                    dst_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
-                    lu, su = uuid.uuid4(), uuid.uuid4()
-                    specs[lu] = dict(src=host, dst=gpu, layers=[k],
-                                     pairs=np.stack([src_ids, dst_ids], axis=1))
-                    specs[su] = dict(src=gpu, dst=host, layers=[k], gate=(it, k),
-                                     pairs=np.stack([dst_ids, src_ids], axis=1))
-                    w.enqueue(rid, lu, TransferKind.LOAD)
-                    w.enqueue(rid, su, TransferKind.STORE)
-                    t.schedule(rid, lu)
-                    t.schedule(rid, su, requirement=LayerComplete(k, it))
-                    ids[k].append(lu)
-                    all_loads.append(lu)
-                    all_stores.append(su)
-            return ids
 
         # The engine's scheduler decides one step ahead: iteration it+1's onboarding is issued
         # when iteration it starts, so its loads overlap iteration it's compute.
