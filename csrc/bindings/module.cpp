@@ -257,8 +257,8 @@ bool to_timeout(py::handle timeout, double* seconds) {
   if (PyBool_Check(timeout.ptr()) || !(PyFloat_Check(timeout.ptr()) || PyLong_Check(timeout.ptr())))
     throw py::type_error("timeout must be None or a number of seconds");
   double s = timeout.cast<double>();
-  if (s != s) invalid("timeout must not be NaN");
-  *seconds = s < 0 ? 0 : s;
+  if (!(s >= 0)) invalid("timeout must be >= 0 seconds or None, got " + py::repr(timeout).cast<std::string>());
+  *seconds = s;
   return true;
 }
 
@@ -426,8 +426,18 @@ PYBIND11_MODULE(_core, m) {
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__",
            [](Handle& h, py::handle, py::handle exc, py::handle) {
+             // A CANCEL handle has nothing to mark (its operation ended cancelled).
              if (h.op()->load_decision() == Decision::kCancel) return false;
-             h.mark_complete(exc);
+             if (exc.is_none()) {
+               h.mark_complete(exc);  // a misuse (undecided, marked twice) raises ProtocolError
+               return false;
+             }
+             // The body raised: record the failure if the handle can take it, but never replace
+             // the body's exception with ours.
+             try {
+               h.mark_complete(exc);
+             } catch (const std::exception&) {
+             }
              return false;
            })
       .def("__repr__", [](Handle& h) {
@@ -515,7 +525,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("mode") = 0)
       .def("poll",
            [](TransferSide& t, py::handle max_items, py::handle timeout) {
-             const int64_t n = to_small_int(max_items, "max_items", 0, int64_t{1} << 40);
+             const int64_t n = to_small_int(max_items, "max_items", 1, int64_t{1} << 40);
              double seconds = 0;
              const bool bounded = to_timeout(timeout, &seconds);
              const auto end = bounded ? deadline_after(seconds) : Clock::time_point::max();
@@ -526,7 +536,7 @@ PYBIND11_MODULE(_core, m) {
                  py::gil_scoped_release nogil;
                  ops = t.s->sched.poll(static_cast<size_t>(n), slice);
                }
-               if (!ops.empty() || n == 0 || t.s->sched.closed() || Clock::now() >= end) break;
+               if (!ops.empty() || t.s->sched.closed() || Clock::now() >= end) break;
                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
              }
              py::list out;

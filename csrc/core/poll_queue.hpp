@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <utility>
 #include <vector>
 
 #include "op.hpp"
@@ -80,6 +81,12 @@ class PollQueue {
       closed_ = true;
     }
     cv_.notify_all();
+  }
+
+  // Takes every queued op out (used by Scheduler::close(): nobody can poll any more).
+  std::deque<OpPtr> drain() {
+    std::lock_guard<Mutex> lock(mu_);
+    return std::exchange(queue_, {});
   }
 
   size_t size() const {

@@ -81,6 +81,36 @@ bool Scheduler::rid_cancelled_locked(const std::string& rid) const {
   return !cancelled_rids_.empty() && cancelled_rids_.count(rid) != 0;
 }
 
+void Scheduler::remember_cancelled_rid_locked(const std::string& rid) {
+  auto it = cancelled_rids_.find(rid);
+  if (it != cancelled_rids_.end()) {
+    // Cancelled again: it becomes the most recent (splice keeps the map's iterator valid).
+    cancelled_order_.splice(cancelled_order_.end(), cancelled_order_, it->second);
+    return;
+  }
+  cancelled_order_.push_back(rid);
+  cancelled_rids_.emplace(rid, std::prev(cancelled_order_.end()));
+  while (cancelled_order_.size() > std::max<size_t>(1, config_.removed_memory)) {
+    cancelled_rids_.erase(cancelled_order_.front());
+    cancelled_order_.pop_front();
+  }
+}
+
+void Scheduler::forget_held_cancels(std::vector<OpPtr> evicted) {
+  // Called with no lock held (shard locks nest outside rid_mu_). A held cancel whose worker half
+  // has joined meanwhile belongs to a slot now and leaves the table with that slot.
+  for (auto& op : evicted) {
+    Shard& sh = shard(op->uuid);
+    std::lock_guard<Mutex> lock(sh.mu);
+    auto it = sh.map.find(op->uuid);
+    // order: relaxed — worker claims are made only under this shard lock (held).
+    if (it != sh.map.end() && it->second.op == op &&
+        (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed) == 0) {
+      sh.map.erase(it);
+    }
+  }
+}
+
 void Scheduler::note_inflight() {
   const uint64_t now = static_cast<uint64_t>(tokens_.in_use());
   // order: relaxed — statistic only (a high-water mark checked by tests against max_inflight).
@@ -101,9 +131,14 @@ void Scheduler::create_slot(const std::string& rid) {
     slots_.emplace(rid, std::make_shared<Slot>(rid));
   }
   {
-    // A new incarnation of the rid starts clean: it is no longer cancelled.
+    // A new incarnation of the rid starts clean: it is no longer cancelled. (Its held cancels
+    // stay: worker halves of this slot may still join them.)
     std::lock_guard<Mutex> lock(rid_mu_);
-    cancelled_rids_.erase(rid);
+    auto it = cancelled_rids_.find(rid);
+    if (it != cancelled_rids_.end()) {
+      cancelled_order_.erase(it->second);
+      cancelled_rids_.erase(it);
+    }
   }
   bump(counters_.slots_created);
 }
@@ -240,13 +275,7 @@ void Scheduler::cancel_slot(const std::string& rid) {
   std::vector<OpPtr> victims;
   {
     std::lock_guard<Mutex> lock(rid_mu_);
-    if (cancelled_rids_.insert(rid).second) {
-      cancelled_order_.push_back(rid);
-      while (cancelled_order_.size() > config_.removed_memory) {
-        cancelled_rids_.erase(cancelled_order_.front());
-        cancelled_order_.pop_front();
-      }
-    }
+    remember_cancelled_rid_locked(rid);
     auto it = pending_by_rid_.find(rid);
     if (it != pending_by_rid_.end()) {
       victims = std::move(it->second);
@@ -354,6 +383,8 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
   OpPtr op;
   bool created = false;
   bool late = false;
+  bool held_cancel = false;
+  std::vector<OpPtr> evicted_held;
   {
     Shard& sh = shard(uuid);
     std::lock_guard<Mutex> shard_lock(sh.mu);
@@ -385,27 +416,43 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
       // rid_mu_ under the shard lock: "is the rid cancelled?" and "register as pending" must be
       // one step against cancel_slot(), or a half could slip between its two steps.
       std::lock_guard<Mutex> rid_lock(rid_mu_);
+      op = std::make_shared<Op>(uuid, rid, mode);
+      // order: relaxed (all stores here) — the op is published by the shard lock.
+      op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
       if (mode == Mode::kScheduled && rid_cancelled_locked(rid)) {
-        late = true;
-      } else {
-        op = std::make_shared<Op>(uuid, rid, mode);
-        // order: relaxed — the op is published by the shard lock.
-        op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
-        sh.map.emplace(uuid, JoinEntry{op, false});
-        created = true;
-        if (mode == Mode::kScheduled) pending_by_rid_[rid].push_back(op);
+        // S6: decided CANCEL at once, and held in the join table (decided and ended before it
+        // is shared) so that a worker half of a later slot of this rid joins it and counts it
+        // cancelled instead of waiting for a transfer half that already came.
+        held_cancel = true;
+        op->decision.store(static_cast<uint8_t>(Decision::kCancel), std::memory_order_relaxed);
+        op->outcome.store(static_cast<uint8_t>(Outcome::kCancelled), std::memory_order_relaxed);
+        op->counted.store(Op::kEnded, std::memory_order_relaxed);
+        held_cancels_.push_back(op);
+        while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
+          evicted_held.push_back(std::move(held_cancels_.front()));
+          held_cancels_.pop_front();
+        }
+      } else if (mode == Mode::kScheduled) {
+        pending_by_rid_[rid].push_back(op);
       }
+      sh.map.emplace(uuid, JoinEntry{op, false});
+      created = true;
     }
   }
   if (late) return standalone_cancel(rid, uuid, mode);
+  if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
   bump(counters_.scheduled);
+  if (held_cancel) {
+    bump(counters_.late_cancelled);
+    bump(counters_.cancelled);
+  }
   op->requirement = requirement;
   if (mode == Mode::kImmediate) {
     bump(counters_.immediate);
     // order: relaxed — delivery is claimed by the creator; readers use exchange/acquire.
     op->delivered.store(true, std::memory_order_relaxed);
     decide(op, Decision::kExecute);
-  } else if (created && config_.op_timeout_ns > 0) {
+  } else if (created && !held_cancel && config_.op_timeout_ns > 0) {
     std::lock_guard<Mutex> lock(deadline_mu_);
     deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
     deadline_cv_.notify_one();
@@ -628,6 +675,9 @@ void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error
     fail(ErrorCode::kProtocol, op->rid, &op->uuid,
          d == Decision::kNone ? "mark_complete on an undecided handle"
                               : "mark_complete on a handle decided CANCEL");
+  // Marking shows the caller knew the decision: it counts as delivery, so poll() does not hand
+  // out an operation that has ended. order: acq_rel — as the claims in deliver()/PollQueue::pop().
+  op->delivered.exchange(true, std::memory_order_acq_rel);
   if (!end_op(op, ok ? Outcome::kCompleted : Outcome::kFailed, ok ? std::string() : error))
     fail(ErrorCode::kProtocol, op->rid, &op->uuid, "handle already marked (second mark ignored)");
 }
@@ -638,7 +688,8 @@ bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
   // order: acquire — pairs with the delivery exchange in deliver()/PollQueue::pop().
   const bool delivered = op->delivered.load(std::memory_order_acquire);
   // Undelivered and still pollable: dropping withdraws nothing (S4); poll() will hand it out.
-  if (!evicted_from_backlog && !delivered) return false;
+  // After close() nothing is pollable any more.
+  if (!evicted_from_backlog && !delivered && !closed()) return false;
   // order: acquire — pairs with the release decrements of the binding layer and of poll().
   if (op->views.load(std::memory_order_acquire) != 0) return false;
   if (op->load_decision() != Decision::kExecute || op->load_outcome() != Outcome::kOpen)
@@ -725,6 +776,9 @@ void Scheduler::close() {
   if (deadline_thread_.joinable() && deadline_thread_.get_id() != std::this_thread::get_id())
     deadline_thread_.join();
   poll_queue_.close();
+  // Nobody can poll() any more: an undelivered EXECUTE op that no handle object holds would keep
+  // its token for ever. Fail those as dropped (held ones are failed when their handle goes).
+  for (auto& op : poll_queue_.drain()) on_handle_dropped(op, /*evicted_from_backlog=*/true);
   for (auto& s : stripes_) {
     { std::lock_guard<Mutex> lock(s.mu); }
     s.cv.notify_all();

@@ -30,11 +30,11 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <memory>
 #include <string>
 #include <thread>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -139,6 +139,8 @@ class Scheduler {
   SlotPtr find_slot(const std::string& rid) const;
   Shard& shard(const Uuid& u) { return shards_[UuidHash{}(u) & (shards_.size() - 1)]; }
   bool rid_cancelled_locked(const std::string& rid) const;
+  void remember_cancelled_rid_locked(const std::string& rid);
+  void forget_held_cancels(std::vector<OpPtr> evicted);
 
   void on_joined(const OpPtr& op);
   void make_ready(const OpPtr& op);
@@ -177,8 +179,15 @@ class Scheduler {
   // rid registry: transfer halves waiting without a joined worker half, and cancelled rids.
   mutable Mutex rid_mu_;
   std::unordered_map<std::string, std::vector<OpPtr>> pending_by_rid_;  // guarded by rid_mu_
-  std::unordered_set<std::string> cancelled_rids_;                    // guarded by rid_mu_
-  std::deque<std::string> cancelled_order_;                           // guarded by rid_mu_
+  // Cancelled rids, least recently cancelled first (cancelling again refreshes a rid), at most
+  // Config::removed_memory of them. The map points into the list so create_slot() and a
+  // re-cancel unlink a rid in O(1).
+  std::list<std::string> cancelled_order_;                              // guarded by rid_mu_
+  std::unordered_map<std::string, std::list<std::string>::iterator> cancelled_rids_;  // rid_mu_
+  // Transfer halves decided CANCEL because their rid was cancelled before the worker half came
+  // ("held cancels"): kept in the join table so the worker half, if it comes, joins and counts
+  // the op as cancelled. Oldest first, at most Config::removed_memory.
+  std::deque<OpPtr> held_cancels_;                                      // guarded by rid_mu_
 
   Mutex removed_mu_;
   std::deque<std::pair<Uuid, const Op*>> removed_order_;  // guarded by removed_mu_

@@ -146,6 +146,58 @@ void unit_cancel_remove_reuse() {
   CHECK(s.is_complete("z"));
 }
 
+// Regressions found by tests/model (tests/model/test_regressions.py has the Python side).
+void unit_held_cancel_and_rid_memory() {
+  Config c;
+  c.removed_memory = 2;
+  Scheduler s(c);
+  // A transfer half for a rid cancelled before its slot exists is CANCEL at once and held: the
+  // worker half of a later slot joins it and counts it cancelled; a second one is a duplicate.
+  s.cancel_slot("a");
+  auto held = s.schedule("a", U(1), 0, Mode::kScheduled);
+  CHECK(held->load_decision() == Decision::kCancel);
+  CHECK_THROWS(ErrorCode::kDuplicate, s.schedule("a", U(1), 0, Mode::kScheduled));
+  s.create_slot("a");
+  s.enqueue("a", U(1), Kind::kLoad, Mode::kScheduled);
+  CHECK(s.is_complete("a"));
+  auto st = s.slot_status("a");
+  CHECK(st.expected == 1 && st.cancelled == 1);
+  // create_slot unlinks the rid from the cancelled-rid memory (it used to leave a stale entry
+  // that counted against removed_memory): b, a cancelled, b re-created -> {a}; c -> {a, c};
+  // d -> {c, d}, so c is still remembered.
+  s.cancel_slot("b");
+  s.cancel_slot("a");
+  s.create_slot("b");
+  s.cancel_slot("c");
+  s.cancel_slot("d");  // memory 2: {c, d} now; a was the least recent
+  CHECK(s.schedule("c", U(2), 0, Mode::kScheduled)->load_decision() == Decision::kCancel);
+  // Re-cancelling refreshes: e, f, e, g -> e and g remembered.
+  s.cancel_slot("e");
+  s.cancel_slot("f");
+  s.cancel_slot("e");
+  s.cancel_slot("g");
+  CHECK(s.schedule("e", U(3), 0, Mode::kScheduled)->load_decision() == Decision::kCancel);
+  CHECK(s.schedule("f", U(4), 0, Mode::kScheduled)->load_decision() == Decision::kNone);
+}
+
+void unit_mark_is_delivery_and_close_drops() {
+  Scheduler s(Config{});
+  s.create_slot("r");
+  auto h = s.schedule("r", U(1), 0, Mode::kScheduled);
+  s.enqueue("r", U(1), Kind::kLoad, Mode::kScheduled);
+  CHECK(h->load_decision() == Decision::kExecute);
+  s.mark_complete(h, true, "");
+  auto far = Clock::now() + std::chrono::milliseconds(1);
+  auto got = s.poll(8, far);
+  CHECK(got.empty());  // marked: delivered, never handed out again
+  // An undelivered EXECUTE op nobody holds is failed as dropped by close(): no token is kept.
+  auto h2 = s.schedule("r", U(2), 0, Mode::kScheduled);
+  s.enqueue("r", U(2), Kind::kLoad, Mode::kScheduled);
+  CHECK(h2->load_decision() == Decision::kExecute);
+  s.close();
+  CHECK(h2->load_outcome() == Outcome::kFailed);
+}
+
 void unit_immediate_held() {
   Scheduler s(Config{});
   auto h = s.schedule("r", U(1), 0, Mode::kImmediate);  // before the slot exists
@@ -190,6 +242,8 @@ int run_unit() {
   unit_cancel_remove_reuse();
   unit_immediate_held();
   unit_close_and_timeout();
+  unit_held_cancel_and_rid_memory();
+  unit_mark_is_delivery_and_close_drops();
   return kvsched::test::failures();
 }
 

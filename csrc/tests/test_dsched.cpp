@@ -17,6 +17,8 @@
 //   close     close() (once or twice) racing enqueue, schedule, waits, poll and progress marks
 //   remove    remove_slot, late transfer halves (remembered and forgotten uuids), rid reuse
 //   poll      executors driven only by poll(), with a cancel racing both halves
+//   held      cancel_slot of a rid with no slot racing transfer halves, create_slot and the
+//             worker halves: held CANCEL outcomes are joined, counted once, slot completes
 //
 // Oracles that can fail (STYLE.md B7, "global invariants"):
 //   - exactly one decision per op, and outcome consistent with it (EXECUTE -> completed/failed,
@@ -1178,6 +1180,67 @@ bool selftest() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 8. held cancels: the engine aborts a request (cancel_slot) before the worker processed its
+//    create_slot, racing the leader's transfer halves and then the worker's create + enqueues.
+//    A transfer half that finds the rid cancelled is decided CANCEL at once and held for its
+//    worker half; one that comes after create_slot waits and is decided normally (EXECUTE, or
+//    CANCEL if cancel_slot lands after create_slot). Either way every op ends once and the slot
+//    completes (Dynamo scenario 36).
+
+ds::Result scenario_held(uint64_t seed, ds::Options opt) {
+  Pick p(seed);
+  Config c = tiny(p, 1 + static_cast<int64_t>(p.below(2)));
+  c.removed_memory = 2 + p.below(2);  // >= ops: no held cancel is forgotten in this scenario
+  auto w = std::make_unique<World>(c);
+  const int n = 2;
+  for (int i = 0; i < n; ++i) {
+    OpRec r;
+    r.rid = "r";
+    r.u = U(i);
+    r.kind = p.coin() ? Kind::kLoad : Kind::kStore;
+    r.exec_yields = static_cast<int>(p.below(2));
+    w->recs.push_back(r);
+  }
+  const bool cancel_first = p.coin();  // cancelled before the run, or racing it
+  const int create_delay = static_cast<int>(p.below(12));
+  if (cancel_first) w->s->cancel_slot("r");
+  World& W = *w;
+  std::vector<ds::ThreadSpec> ts;
+  ts.push_back({"worker", [&W, create_delay] {
+                  ds::yield_points(create_delay);
+                  W.s->create_slot("r");
+                  for (auto& r : W.recs) {
+                    W.s->enqueue(r.rid, r.u, r.kind, r.mode);
+                    r.enqueued = true;
+                  }
+                }});
+  for (int i = 0; i < n; ++i) ts.push_back({cat("transfer", i), [&W, i] { transfer(W, i); }});
+  if (!cancel_first) ts.push_back({"cancel", [&W] { W.s->cancel_slot("r"); }});
+  opt.invariant = [&W] { common_invariant(W); };
+  ds::Result res = ds::run(opt, std::move(ts));
+  if (res.abandoned) return finish(w, res);
+
+  Scheduler& s = *w->s;
+  check_outcomes(*w);
+  check_suspicious(*w);
+  uint64_t done = 0, failed = 0, cancelled = 0;
+  for (auto& r : w->recs) {
+    DS_CHECK(r.seen != Decision::kNone, r.u.str(), " undecided");
+    if (r.seen == Decision::kCancel) ++cancelled;
+    if (r.seen == Decision::kExecute) ++(r.op->load_outcome() == Outcome::kCompleted ? done : failed);
+    // A second transfer half of the same uuid is a duplicate whatever happened.
+    expect_error(ErrorCode::kDuplicate, [&] { s.schedule("r", r.u, 0, Mode::kScheduled); },
+                 "second transfer half");
+  }
+  check_slot(s, "r", n, done, failed, cancelled);
+  DS_CHECK(stat(s, "inflight") == 0, "tokens still in use: ", stat(s, "inflight"));
+  s.remove_slot("r");  // joined transfer halves leave the rid registry with their slot
+  DS_CHECK(stat(s, "pending_transfer_halves") == 0, "pending halves ",
+           stat(s, "pending_transfer_halves"));
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------------
 // driver
 
 struct Entry {
@@ -1190,7 +1253,7 @@ const Entry kScenarios[] = {
     {"join", scenario_join, 210},     {"tokens", scenario_tokens, 310},
     {"cancel", scenario_cancel, 310}, {"gating", scenario_gating, 410},
     {"close", scenario_close, 370},   {"remove", scenario_remove, 350},
-    {"poll", scenario_poll, 330},
+    {"poll", scenario_poll, 330},     {"held", scenario_held, 200},
 };
 
 ds::Options options_for(uint64_t seed, const Entry& e) {

@@ -49,7 +49,8 @@ from .protocol import (Decision, IterationComplete, LayerComplete, LayerNameComp
 __all__ = ["ReferenceScheduler", "ReferenceHandle"]
 
 _log = logging.getLogger("kvsched")
-_MAX_LAYER = 2**24 - 1          # layer indexes are below this always (docs/semantics.md)
+_MAX_LAYER = 2**24 - 2          # layer indexes are below this always (docs/semantics.md)
+_MAX_ITERATION = 2**40          # iteration numbers are below this always (docs/semantics.md)
 _NO_REQ_KEY = (-1, -1)          # "no requirement" sorts first and is always satisfied
 _SLICE = 0.05                   # blocking waits and the timer wake this often
 EXECUTE, CANCEL = Decision.EXECUTE, Decision.CANCEL
@@ -110,7 +111,7 @@ def _timeout(value, what="timeout"):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{what} must be a number of seconds or None, got {type(value).__name__}")
     if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{what} must be >= 0, got {value!r}")
+        raise InvalidArgumentError(f"{what} must be >= 0 seconds or None, got {value!r}")
     return float(value)
 
 
@@ -184,6 +185,8 @@ class ReferenceHandle:
         return self
 
     def __exit__(self, et, exc, tb):
+        if self._op.decision is CANCEL:
+            return False  # nothing to mark: the operation ended cancelled
         if exc is None:
             self.mark_complete()
         else:
@@ -245,6 +248,9 @@ class _Worker:
                     raise DuplicateOperationError(
                         f"{ctx}: the worker already enqueued it (for request {op.rid!r})")
                 s._check_match(op, rid, mode, ctx)
+            elif u in s._removed:  # its worker half came once already, for a removed slot
+                raise DuplicateOperationError(
+                    f"{ctx}: the uuid belongs to an operation of a removed slot")
             # -- validated; mutate
             if op is None:
                 op = s._new_op(u, rid, mode)
@@ -282,7 +288,7 @@ class _Worker:
             if idx is None:
                 raise InvalidArgumentError(f"unknown layer name {layer!r}")
         else:
-            idx = _index(layer, "layer", "mark_layer_complete")
+            idx = _index(layer, "layer", "mark_layer_complete", _MAX_LAYER)
         with s._lock:
             s._enter("mark_layer_complete")
             it = s._iteration
@@ -396,9 +402,13 @@ class _Transfer:
                 if op.has_transfer:
                     raise DuplicateOperationError(f"{ctx}: the transfer side already scheduled it")
                 s._check_match(op, rid, mode, ctx)
+            detached = op is None and u in s._removed  # a late half of a removed slot
+            if detached and mode is IMMEDIATE:
+                # An IMMEDIATE op ends only through its transfer half, so this is its second one.
+                raise DuplicateOperationError(
+                    f"{ctx}: IMMEDIATE transfer half for an operation of a removed slot")
             # -- validated; mutate
             s._stats["scheduled"] += 1
-            detached = op is None and u in s._removed  # a late half of a removed slot
             if detached:
                 op = _Op(u, rid, mode)  # in no table: nothing of it can be credited
             elif op is None:
@@ -417,6 +427,7 @@ class _Transfer:
                 s._publish(op)
             elif not op.has_worker and rid in s._cancelled_rids:
                 s._cancel(op)
+                s._hold_cancel(op)
             elif op.has_worker:
                 s._join(op)
             return h
@@ -426,7 +437,7 @@ class _Transfer:
         if not _is_int(max_items):
             raise TypeError(f"max_items must be int, got {type(max_items).__name__}")
         if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
+            raise InvalidArgumentError(f"max_items must be >= 1, got {max_items}")
         timeout = _timeout(timeout)
         s = self._s
         end = None if timeout is None else time.monotonic() + timeout
@@ -492,6 +503,7 @@ class ReferenceScheduler:
         self._waiting_t = {}                          # rid -> {uuid: _Op}: T halves without W half
         self._cancelled_rids = collections.OrderedDict()  # until create_slot (bounded)
         self._removed = collections.OrderedDict()     # uuids of removed slots, FIFO, bounded
+        self._held = collections.OrderedDict()        # uuid -> _Op: held cancels, FIFO, bounded
         self._finished = collections.OrderedDict()    # rid -> _Slot that completed
         self._pollq = collections.OrderedDict()       # _Op -> None, decided and undelivered
         self._drops = collections.deque()             # _Op whose delivered handle died unmarked
@@ -591,16 +603,20 @@ class ReferenceScheduler:
         if req is None:
             return _NO_REQ_KEY
         if isinstance(req, LayerComplete):
-            return (_index(req.iteration, "iteration", ctx),
-                    _index(req.layer, "layer", ctx, _MAX_LAYER))
+            layer = _index(req.layer, "layer", ctx, _MAX_LAYER)
+            if self._num_layers and layer >= self._num_layers:
+                raise InvalidArgumentError(f"layer {layer} out of range ({self._num_layers} "
+                                           f"layers) ({ctx})")
+            return (_index(req.iteration, "iteration", ctx, _MAX_ITERATION), layer)
         if isinstance(req, LayerNameComplete):
             if not isinstance(req.name, str):
                 raise TypeError(f"layer name must be str, got {type(req.name).__name__} ({ctx})")
             if req.name not in self._layer_index:
                 raise InvalidArgumentError(f"unknown layer name {req.name!r} ({ctx})")
-            return (_index(req.iteration, "iteration", ctx), self._layer_index[req.name])
+            return (_index(req.iteration, "iteration", ctx, _MAX_ITERATION),
+                    self._layer_index[req.name])
         if isinstance(req, IterationComplete):
-            return (_index(req.iteration, "iteration", ctx), float("inf"))
+            return (_index(req.iteration, "iteration", ctx, _MAX_ITERATION), float("inf"))
         raise TypeError(f"requirement must be LayerComplete, LayerNameComplete, IterationComplete "
                         f"or None, got {type(req).__name__} ({ctx})")
 
@@ -698,6 +714,20 @@ class ReferenceScheduler:
             slot.errors.append((op.uuid, op.message))
         if slot.complete():
             self._finished[slot.rid] = slot
+
+    def _hold_cancel(self, op):
+        """A transfer half decided CANCEL for a cancelled rid waits in the table for its worker
+        half; at most removed_memory of them (the oldest unjoined one is forgotten)."""
+        self._held[op.uuid] = op
+        while len(self._held) > max(self._removed_cap, 1):
+            u, old = self._held.popitem(last=False)
+            if not old.has_worker and self._ops.get(u) is old:
+                del self._ops[u]
+                waiting = self._waiting_t.get(old.rid)
+                if waiting is not None:
+                    waiting.pop(u, None)
+                    if not waiting:
+                        del self._waiting_t[old.rid]
 
     def _remember_removed(self, u):
         self._removed[u] = None

@@ -62,10 +62,9 @@ class Plan:
         self.u = uuid.UUID(int=rng.getrandbits(128))
         self.kind = rng.choice([TransferKind.LOAD, TransferKind.STORE])
         self.mode = "I" if rng.random() < 0.2 else "S"
-        # A reused rid's transfer halves come after its new slot exists: a transfer half for
-        # a cancelled rid with no slot is not held by the core (test_pinned.py,
-        # test_cancelled_rid_outcome_is_held), which would strand the new slot.
-        self.order = "W" if inc else rng.choice(["W", "T", "any"])
+        # Either half first, also for a reused rid (a transfer half that finds the rid cancelled
+        # by its previous incarnation is held CANCEL for the new slot's worker half).
+        self.order = rng.choice(["W", "T", "any"])
         self.fate = rng.choices(["ok", "fail", "second", "drop"], [6, 2, 1, 1])[0]
         self.w_done, self.t_done = threading.Event(), threading.Event()
 

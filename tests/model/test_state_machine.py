@@ -21,12 +21,11 @@ is only ever seen when the requirement holds in the progress this test drove), S
 
 Where the two legitimately differ, the test does not compare (``take_finished`` multiplicity,
 the order of handles decided by one call in ``poll``, the "scheduled"/"cancelled" stats
-counters). Where they disagree (a bug in one, or a case the docs leave open), the disagreement is
-pinned by an xfail test in test_pinned.py and the machine steers around it; each such place names
-its pin: re-using a removed slot's uuid, a second transfer half for a late-cancelled uuid,
-re-cancelling a rid or re-creating a cancelled rid with a small memory, marking an undelivered
-handle, and ``with h:`` over a CANCEL/undecided/already marked handle. Requirement layers stay
-below num_layers and iterations below 2**40 (pinned too).
+counters). Every disagreement the machine found was settled (docs/semantics.md) and is kept as a
+small regression test in test_regressions.py; the machine no longer steers around any of them:
+it re-uses removed slots' uuids on both sides, schedules transfer halves twice for cancelled rids,
+re-cancels and re-creates rids with a memory of 1 or 2, marks undelivered handles, and uses
+``with h:`` over CANCEL, undecided and already marked handles.
 
 Configuration per example: max_inflight 1-3, with or without layer names, removed_memory 1, 2 or
 65536, ``store_starvation_s`` huge (the starvation rule depends on wall time, so it would make
@@ -97,7 +96,7 @@ def requirements():
     it = st.integers(0, 4)
     return st.one_of(
         st.none(),
-        st.builds(LayerComplete, st.integers(0, 2), it),
+        st.builds(LayerComplete, st.integers(0, 3), it),  # 3: out of range with 3 layer names
         st.builds(IterationComplete, it),
         st.builds(LayerNameComplete, st.sampled_from(NAMES), it),
     )
@@ -106,7 +105,8 @@ def requirements():
 ENQUEUE_ARGS = dict(rid=st.sampled_from(RIDS), ui=st.integers(0, POOL - 1),
                     kind=st.sampled_from([LOAD, STORE]),
                     mode=st.sampled_from([SCHEDULED, IMMEDIATE]),
-                    form=st.integers(0, len(UUID_FORMS) - 1), raw_ints=st.booleans())
+                    form=st.integers(0, len(UUID_FORMS) - 1), raw_ints=st.booleans(),
+                    late=st.integers(0, 5))
 SCHEDULE_ARGS = dict(rid=st.sampled_from(RIDS), ui=st.integers(0, POOL - 1),
                      req=requirements(), mode=st.sampled_from([SCHEDULED, IMMEDIATE]),
                      form=st.integers(0, len(UUID_FORMS) - 1), late=st.integers(0, 3))
@@ -169,6 +169,12 @@ BAD_CALLS = [
     ("cancel_slot rid int", lambda s: s.worker.cancel_slot(3)),
     ("remove_slot rid bytes", lambda s: s.worker.remove_slot(b"r0")),
     ("poll max_items str", lambda s: s.transfer.poll(max_items="3")),
+    ("poll max_items 0", lambda s: s.transfer.poll(max_items=0)),
+    ("poll max_items -1", lambda s: s.transfer.poll(max_items=-1)),
+    ("poll timeout -1", lambda s: s.transfer.poll(timeout=-1)),
+    ("poll timeout nan", lambda s: s.transfer.poll(timeout=float("nan"))),
+    ("LayerComplete layer 2**24-2", lambda s: s.transfer.schedule("r0", U0, requirement=LayerComplete(2**24 - 2, 1))),
+    ("IterationComplete 2**40", lambda s: s.transfer.schedule("r0", U0, requirement=IterationComplete(2**40))),
     ("poll timeout str", lambda s: s.transfer.poll(timeout="1")),
 ]
 
@@ -179,10 +185,9 @@ class DifferentialMachine(RuleBasedStateMachine):
     in a Bundle: Hypothesis would keep a reference and a drop could never happen.
 
     uuids: ``pool`` holds the POOL uuids in play. When a slot is removed, the uuids its worker
-    enqueued leave the pool for ``removed`` (fresh ones take their places): the two
-    implementations disagree on reusing them (pinned in test_pinned.py), so after removal
-    they come back only as late SCHEDULED transfer halves (S6: decided CANCEL at once while
-    remembered), which both must handle alike."""
+    enqueued leave the pool for ``removed`` (fresh ones take their places); they come back as
+    worker halves (DuplicateOperationError while remembered), late transfer halves (S6: CANCEL at
+    once while remembered, either mode) and requirement-free late halves (``late_half``)."""
 
     def __init__(self):
         super().__init__()
@@ -201,7 +206,6 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.removed = []               # uuids of removed slots, oldest first
         self.removed_rid = {}           # ... and the rid of that slot
         self.slot_uuids = {}            # rid -> uuids its worker enqueued into the live slot
-        self.cancelled_once = set()     # rids cancel_slot was called for
 
     # ------------------------------------------------------------------ setup / teardown
     @initialize(max_inflight=st.integers(1, 3), named=st.booleans(),
@@ -323,21 +327,20 @@ class DifferentialMachine(RuleBasedStateMachine):
     @rule(rid=st.sampled_from(RIDS))
     def create_slot(self, rid):
         FIGURES["rules"]["create_slot"] += 1
-        if rid in self.cancelled_once and self.removed_memory < 65536:
-            # Re-creating a cancelled rid leaves a stale entry in the core's cancelled-rid memory
-            # that still counts against the bound: other cancelled rids are then forgotten early
-            # (bug, test_pinned.py::test_cancelled_rid_memory_after_create). Avoided when the
-            # memory is small enough to overflow.
-            return
         (ok, _), _ = self.both(f"create_slot({rid!r})", lambda s: s.worker.create_slot(rid),
                                rid=rid)
         if ok:
             self.slot_uuids[rid] = set()
 
     @rule(**ENQUEUE_ARGS)
-    def enqueue(self, rid, ui, kind, mode, form, raw_ints):
+    def enqueue(self, rid, ui, kind, mode, form, raw_ints, late=1):
         FIGURES["rules"]["enqueue"] += 1
         u = self.pool[ui]
+        if late == 0 and self.removed:
+            # A worker half re-using a removed slot's uuid: DuplicateOperationError while the uuid
+            # is remembered, a new operation once forgotten (docs/semantics.md).
+            u = self.removed[-1 - ui % len(self.removed)]
+            FIGURES["rules"]["enqueue removed uuid"] += 1
         arg = UUID_FORMS[form][1](u)
         k, m = (int(kind), int(mode)) if raw_ints else (kind, mode)  # plain ints are accepted too
         (ok, _), _ = self.both(
@@ -380,14 +383,6 @@ class DifferentialMachine(RuleBasedStateMachine):
     @rule(rid=st.sampled_from(RIDS))
     def cancel_slot(self, rid):
         FIGURES["rules"]["cancel_slot"] += 1
-        if rid in self.cancelled_once and self.removed_memory < 65536:
-            # A second cancel of a rid, with a cancelled-rid memory small enough to overflow:
-            # the core can forget the fresh cancel at once after a re-create (bug,
-            # test_pinned.py::test_cancelled_rid_memory_after_create), and the two evict
-            # differently after a plain re-cancel (test_pinned.py::test_agree_recancel_eviction).
-            # Avoided here so the machine keeps exploring everything else.
-            return
-        self.cancelled_once.add(rid)
         self.both(f"cancel_slot({rid!r})", lambda s: s.worker.cancel_slot(rid), rid=rid)
 
     @rule(rid=st.sampled_from(RIDS))
@@ -397,6 +392,8 @@ class DifferentialMachine(RuleBasedStateMachine):
                                rid=rid)
         if ok:
             for u in sorted(self.slot_uuids.pop(rid)):
+                if u in self.removed:
+                    continue  # re-used after it was forgotten; already listed
                 self.removed.append(u)
                 self.removed_rid[u] = rid
                 if u in self.pool:
@@ -423,12 +420,9 @@ class DifferentialMachine(RuleBasedStateMachine):
     def schedule(self, rid, ui, req, mode, form, late=1):
         FIGURES["rules"]["schedule"] += 1
         u = self.pool[ui]
-        if late == 0 and mode is SCHEDULED and self.removed:
-            # A late half of a removed slot (S6). Once only: a second transfer half for the same
-            # uuid is CANCEL again in the core but DuplicateOperationError in the reference when
-            # the uuid was forgotten and the rid is still cancelled (the core does not register
-            # the CANCEL op: test_pinned.py::test_duplicate_transfer_half_for_cancelled_rid).
-            u = self.removed.pop(-1 - ui % len(self.removed))
+        if late == 0 and self.removed:
+            # A late half of a removed slot (S6), possibly again or IMMEDIATE.
+            u = self.removed[-1 - ui % len(self.removed)]
             FIGURES["rules"]["schedule late half"] += 1
         self._schedule(rid, u, req, mode, form)
 
@@ -442,13 +436,6 @@ class DifferentialMachine(RuleBasedStateMachine):
             for h in (h0, h1):
                 assert h.request_id == rid and h.uuid == u
             k = self.add_handle((h0, h1), rid, u, mode, req)
-            enqueued = any(u in us for us in self.slot_uuids.values())
-            if peek(h0)[0] == "CANCEL" and not enqueued and u in self.pool:
-                # Decided CANCEL at once with no worker half (its rid was cancelled): the core
-                # does not keep the outcome for a later worker half (known core bug,
-                # test_pinned.py::test_cancelled_rid_outcome_is_held), so the uuid leaves play.
-                self.gen += 1
-                self.pool[self.pool.index(u)] = fresh_uuid(self.pool.index(u), self.gen)
             if mode is IMMEDIATE:  # S5: decided EXECUTE, and delivered, at birth
                 assert peek(h0)[0] == peek(h1)[0] == "EXECUTE"
                 self.delivered.add(k)
@@ -462,14 +449,8 @@ class DifferentialMachine(RuleBasedStateMachine):
         k = self.pick(hi)
         hs = self.handles[k]
         d, outcome = peek(hs[0])
-        if d == "EXECUTE" and k not in self.delivered:
-            # An executor sees the decision before it copies. (Marking an undelivered handle
-            # is a known disagreement on what poll returns next, pinned in test_pinned.py.)
-            self.deliver(hi=hi, how="decision")
-        if how.startswith("with") and (d != "EXECUTE" or (how == "with raise" and outcome != "open")):
-            # Known disagreement on `with` over a CANCEL/undecided or already marked handle,
-            # pinned in test_pinned.py; here `with` is used the way engines use it.
-            how = "ok"
+        if d == "EXECUTE":
+            self.delivered.add(k)  # marking counts as delivery (docs/semantics.md)
         self.err_seq += 1
         text = f"E#{self.err_seq}"
         rid, u = self.meta[k][:2]
@@ -628,8 +609,8 @@ class DifferentialMachine(RuleBasedStateMachine):
           own_rid=st.booleans())
     def late_half(self, rid, ri, req, own_rid):
         """A transfer half for a uuid of a removed slot (S6: CANCEL at once while remembered;
-        a new operation once forgotten). Once per uuid, see schedule()."""
-        u = self.removed.pop(-1 - ri % len(self.removed))
+        a new operation once forgotten)."""
+        u = self.removed[-1 - ri % len(self.removed)]
         if own_rid:
             rid = self.removed_rid[u]
         FIGURES["rules"]["schedule late half"] += 1

@@ -1156,19 +1156,14 @@ def test_scenario_35_zero_op_slot(make_scheduler):
     assert s.stats()["slots"] == 0 if "slots" in s.stats() else True
 
 
-HELD_CANCEL_REASON = (
-    "core bug, pinned in tests/model/test_pinned.py::test_cancelled_rid_outcome_is_held: a T half "
-    "cancelled because its rid was cancelled before its slot existed is not kept; after "
-    "create_slot the W half for the same uuid waits for ever and the slot never completes")
-
-
-def test_scenario_36_slot_removed_before_create_slot_processed(make_scheduler, request):
+def test_scenario_36_slot_removed_before_create_slot_processed(make_scheduler):
     """36. "Slot removed before its CreateSlot was processed (cross-channel reordering). There is
     no orphan state afterwards." Two orders: (a) remove_slot before create_slot is a clean
     UnknownSlotError and leaves nothing (a later create/remove works); (b) the engine aborts the
     request (cancel_slot) before the worker processed create_slot, a leader half already arrived;
     then create_slot and the worker half arrive: the op must end (cancelled) and the slot must
-    complete, with no orphan left. (b) fails on the core: xfail, see the reason."""
+    complete, with no orphan left (the leader's CANCEL is held for the worker half; found by
+    tests/model, regression test tests/model/test_regressions.py)."""
     s = make_scheduler()
     w, t = s.worker, s.transfer
     with pytest.raises(UnknownSlotError):
@@ -1177,8 +1172,6 @@ def test_scenario_36_slot_removed_before_create_slot_processed(make_scheduler, r
     assert w.is_complete("a")
     w.remove_slot("a")
     # (b)
-    if make_scheduler.impl == "core":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=HELD_CANCEL_REASON))
     u = new_uuid()
     w.cancel_slot("b")
     h = t.schedule("b", u)
