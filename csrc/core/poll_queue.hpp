@@ -28,6 +28,13 @@ class PollQueue {
     OpPtr evicted;
     {
       std::lock_guard<Mutex> lock(mu_);
+      // Entries whose decision was delivered meanwhile (wait/decision on the handle) would only
+      // be skipped by pop(): drop them from the front now, so a caller that reads decisions
+      // directly does not keep a backlog of ended operations alive.
+      // Only the queue's reference goes (no view: a delivered op's drop check happens when its
+      // handle objects go). order: relaxed — a hint: a stale `false` keeps the entry for pop().
+      while (!queue_.empty() && queue_.front()->delivered.load(std::memory_order_relaxed))
+        queue_.pop_front();
       if (queue_.size() >= capacity_) {
         evicted = std::move(queue_.front());
         queue_.pop_front();

@@ -38,7 +38,8 @@ Scheduler::Scheduler(const Config& config)
       ready_(config.store_starvation_ns),
       poll_queue_(config.poll_backlog),
       shards_(std::max<size_t>(1, config.join_shards)),
-      stripes_(64) {
+      stripes_(64),
+      removed_(config.removed_memory) {
   if (config.max_inflight < 1) throw Error(ErrorCode::kInvalidArgument, "max_inflight must be >= 1");
   if ((shards_.size() & (shards_.size() - 1)) != 0)
     throw Error(ErrorCode::kInvalidArgument, "join_shards must be a power of two");
@@ -104,7 +105,7 @@ void Scheduler::forget_held_cancels(std::vector<OpPtr> evicted) {
     std::lock_guard<Mutex> lock(sh.mu);
     auto it = sh.map.find(op->uuid);
     // order: relaxed — worker claims are made only under this shard lock (held).
-    if (it != sh.map.end() && it->second.op == op &&
+    if (it != sh.map.end() && it->second == op &&
         (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed) == 0) {
       sh.map.erase(it);
     }
@@ -157,9 +158,7 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
     std::lock_guard<Mutex> shard_lock(sh.mu);
     auto it = sh.map.find(uuid);
     if (it != sh.map.end()) {
-      if (it->second.removed)
-        fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
-      op = it->second.op;
+      op = it->second;
       // order: relaxed — a worker claim on this cell is only made under this shard lock (held),
       // so this read sees every earlier worker claim.
       if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
@@ -173,13 +172,15 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
              std::string("halves disagree on the mode (transfer half is ") + mode_name(op->mode) +
                  ", worker half " + mode_name(mode) + ")");
     } else {
+      if (is_removed_uuid(uuid))
+        fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
       op = std::make_shared<Op>(uuid, rid, mode);
       created = true;
     }
     // order: relaxed — claims publish nothing; the fields are published by the release in the
     // kWorkerPublished fetch_or below.
     op->halves.fetch_or(Op::kWorkerClaimed, std::memory_order_relaxed);
-    if (created) sh.map.emplace(uuid, JoinEntry{op, false});
+    if (created) sh.map.emplace(uuid, op);
     op->kind = kind;
     op->slot = slot;
     slot->ops.push_back(op);
@@ -343,23 +344,27 @@ void Scheduler::remove_slot(const std::string& rid) {
   }
 }
 
+bool Scheduler::is_removed_uuid(const Uuid& uuid) {
+  std::lock_guard<Mutex> lock(removed_mu_);
+  return removed_.contains(uuid);
+}
+
 void Scheduler::remember_removed(const std::vector<OpPtr>& ops) {
+  // First remember, then leave the join table: a half looking the uuid up in between finds the
+  // ended op and gets what the removed-uuid memory would give it (a duplicate for the worker
+  // side, CANCEL for a transfer half that never came), so the uuid is never in neither.
+  size_t forgotten = 0;
+  {
+    std::lock_guard<Mutex> lock(removed_mu_);
+    for (auto& op : ops) forgotten += removed_.add(op->uuid);
+  }
+  // order: relaxed — statistic only.
+  if (forgotten) counters_.removed_forgotten.fetch_add(forgotten, std::memory_order_relaxed);
   for (auto& op : ops) {
     Shard& sh = shard(op->uuid);
     std::lock_guard<Mutex> lock(sh.mu);
     auto it = sh.map.find(op->uuid);
-    if (it != sh.map.end() && it->second.op == op) it->second.removed = true;
-  }
-  std::lock_guard<Mutex> lock(removed_mu_);
-  for (auto& op : ops) removed_order_.emplace_back(op->uuid, op.get());
-  while (removed_order_.size() > config_.removed_memory) {
-    auto [uuid, ptr] = removed_order_.front();
-    removed_order_.pop_front();
-    Shard& sh = shard(uuid);
-    std::lock_guard<Mutex> shard_lock(sh.mu);
-    auto it = sh.map.find(uuid);
-    if (it != sh.map.end() && it->second.removed && it->second.op.get() == ptr) sh.map.erase(it);
-    bump(counters_.removed_forgotten);
+    if (it != sh.map.end() && it->second == op) sh.map.erase(it);
   }
 }
 
@@ -390,28 +395,26 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
     std::lock_guard<Mutex> shard_lock(sh.mu);
     auto it = sh.map.find(uuid);
     if (it != sh.map.end()) {
-      if (it->second.removed) {
-        if (mode == Mode::kImmediate)
-          fail(ErrorCode::kDuplicate, rid, &uuid,
-               "IMMEDIATE transfer half for an operation of a removed slot");
-        late = true;  // S6: a late half of a removed slot is decided CANCEL at once
-      } else {
-        op = it->second.op;
-        // order: relaxed — transfer claims are only made under this shard lock (held).
-        if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
-          fail(ErrorCode::kDuplicate, rid, &uuid,
-               "transfer half already scheduled (for request '" + op->rid + "')");
-        if (op->rid != rid)
-          fail(ErrorCode::kProtocol, rid, &uuid,
-               "halves disagree on the request id (worker half says '" + op->rid + "')");
-        if (op->mode != mode)
-          fail(ErrorCode::kProtocol, rid, &uuid,
-               std::string("halves disagree on the mode (worker half is ") + mode_name(op->mode) +
-                   ", transfer half " + mode_name(mode) + ")");
-        // order: relaxed — claims publish nothing; the fields are published by the release in
-        // the kTransferPublished fetch_or.
-        op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);
-      }
+      op = it->second;
+      // order: relaxed — transfer claims are only made under this shard lock (held).
+      if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
+        fail(ErrorCode::kDuplicate, rid, &uuid,
+             "transfer half already scheduled (for request '" + op->rid + "')");
+      if (op->rid != rid)
+        fail(ErrorCode::kProtocol, rid, &uuid,
+             "halves disagree on the request id (worker half says '" + op->rid + "')");
+      if (op->mode != mode)
+        fail(ErrorCode::kProtocol, rid, &uuid,
+             std::string("halves disagree on the mode (worker half is ") + mode_name(op->mode) +
+                 ", transfer half " + mode_name(mode) + ")");
+      // order: relaxed — claims publish nothing; the fields are published by the release in
+      // the kTransferPublished fetch_or.
+      op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);
+    } else if (is_removed_uuid(uuid)) {
+      if (mode == Mode::kImmediate)
+        fail(ErrorCode::kDuplicate, rid, &uuid,
+             "IMMEDIATE transfer half for an operation of a removed slot");
+      late = true;  // S6: a late half of a removed slot is decided CANCEL at once
     } else {
       // rid_mu_ under the shard lock: "is the rid cancelled?" and "register as pending" must be
       // one step against cancel_slot(), or a half could slip between its two steps.
@@ -435,7 +438,7 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
       } else if (mode == Mode::kScheduled) {
         pending_by_rid_[rid].push_back(op);
       }
-      sh.map.emplace(uuid, JoinEntry{op, false});
+      sh.map.emplace(uuid, op);
       created = true;
     }
   }
@@ -613,6 +616,18 @@ void Scheduler::count_into_slot(const OpPtr& op) {
   if (slot.open.fetch_sub(1, std::memory_order_acq_rel) == 1) {
     std::lock_guard<Mutex> lock(finished_mu_);
     finished_.push_back(op->slot);
+    // An engine that tracks completion with is_complete() and never calls take_finished() must
+    // not make this queue grow for ever: past a threshold, drop the slots removed since (their
+    // entries would be skipped by take_finished anyway). Amortised O(1) per push.
+    if (finished_.size() >= finished_compact_at_) {
+      finished_.erase(std::remove_if(finished_.begin(), finished_.end(),
+                                     [](const SlotPtr& s) {
+                                       std::lock_guard<Mutex> slot_lock(s->mu);
+                                       return s->removed;
+                                     }),
+                      finished_.end());
+      finished_compact_at_ = std::max<size_t>(1024, 2 * finished_.size());
+    }
   }
 }
 
@@ -763,8 +778,7 @@ void Scheduler::close() {
   std::vector<OpPtr> live;
   for (auto& sh : shards_) {
     std::lock_guard<Mutex> lock(sh.mu);
-    for (auto& kv : sh.map)
-      if (!kv.second.removed) live.push_back(kv.second.op);
+    for (auto& kv : sh.map) live.push_back(kv.second);
   }
   for (auto& op : live) decide(op, Decision::kCancel);
   {
@@ -801,7 +815,7 @@ std::vector<std::pair<std::string, double>> Scheduler::stats() const {
   }
   {
     std::lock_guard<Mutex> lock(const_cast<Mutex&>(removed_mu_));
-    removed = removed_order_.size();
+    removed = removed_.size();
   }
   {
     std::lock_guard<Mutex> lock(const_cast<Mutex&>(finished_mu_));

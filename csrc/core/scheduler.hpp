@@ -44,6 +44,7 @@
 #include "poll_queue.hpp"
 #include "progress.hpp"
 #include "ready_queue.hpp"
+#include "removed_uuids.hpp"
 #include "slot.hpp"
 #include "sync.hpp"
 #include "token_pool.hpp"
@@ -116,13 +117,9 @@ class Scheduler {
   uint64_t progress_position() const { return progress_.load(); }
 
  private:
-  struct JoinEntry {
-    OpPtr op;
-    bool removed = false;  // tombstone: the op's slot was removed
-  };
   struct alignas(128) Shard {
     Mutex mu;
-    std::unordered_map<Uuid, JoinEntry, UuidHash> map;
+    std::unordered_map<Uuid, OpPtr, UuidHash> map;  // live operations (and held outcomes)
   };
   struct WaitStripe {
     Mutex mu;
@@ -154,6 +151,7 @@ class Scheduler {
   WaitStripe& stripe_for(const Op* op);
   OpPtr standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode);
   void remember_removed(const std::vector<OpPtr>& ops);
+  bool is_removed_uuid(const Uuid& uuid);
   void deadline_loop();
   void note_inflight();
   void push_poll(const OpPtr& op);
@@ -189,11 +187,14 @@ class Scheduler {
   // the op as cancelled. Oldest first, at most Config::removed_memory.
   std::deque<OpPtr> held_cancels_;                                      // guarded by rid_mu_
 
+  // Lock order: a shard lock may be held when taking removed_mu_, never the other way round.
   Mutex removed_mu_;
-  std::deque<std::pair<Uuid, const Op*>> removed_order_;  // guarded by removed_mu_
+  RemovedUuids removed_;  // guarded by removed_mu_
 
   Mutex finished_mu_;
-  std::vector<SlotPtr> finished_;  // guarded by finished_mu_
+  std::vector<SlotPtr> finished_;       // guarded by finished_mu_
+  size_t finished_compact_at_ = 1024;   // guarded by finished_mu_
+  // Lock order: finished_mu_ -> slot mu (compaction); nothing takes them the other way.
 
   // Deadlines (op_timeout): FIFO, since every op gets the same timeout.
   Mutex deadline_mu_;

@@ -4,12 +4,15 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <set>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "check.hpp"
+#include "core/removed_uuids.hpp"
 #include "core/scheduler.hpp"
 
 using namespace kvsched::core;
@@ -146,6 +149,39 @@ void unit_cancel_remove_reuse() {
   CHECK(s.is_complete("z"));
 }
 
+// The removed-uuid memory against a plain model (FIFO deque + set), with capacities from 0 to
+// beyond the table's first size, a small uuid pool (re-adds, collisions in a 16-slot table) and
+// many random orders: backward-shift deletion must never lose or invent a member.
+void unit_removed_uuids() {
+  std::mt19937_64 rng(7);
+  for (size_t cap : {0, 1, 2, 3, 7, 8, 9, 31, 100}) {
+    RemovedUuids set(cap);
+    std::deque<Uuid> order;
+    std::set<std::pair<uint64_t, uint64_t>> members;
+    for (int step = 0; step < 20000; ++step) {
+      const Uuid u{rng() % 3, rng() % 64};
+      const bool had = members.count({u.hi, u.lo}) != 0;
+      CHECK(set.contains(u) == had);
+      size_t forgotten_model = 0;
+      if (cap > 0 && !had) {
+        order.push_back(u);
+        members.insert({u.hi, u.lo});
+        if (order.size() > cap) {
+          members.erase({order.front().hi, order.front().lo});
+          order.pop_front();
+          forgotten_model = 1;
+        }
+      }
+      CHECK(set.add(u) == forgotten_model);
+      CHECK(set.size() == order.size());
+      if (kvsched::test::failures()) return;  // a broken table can loop for ever once corrupt
+    }
+    for (uint64_t hi = 0; hi < 3; ++hi)
+      for (uint64_t lo = 0; lo < 64; ++lo)
+        CHECK(set.contains(Uuid{hi, lo}) == (members.count({hi, lo}) != 0));
+  }
+}
+
 // Regressions found by tests/model (tests/model/test_regressions.py has the Python side).
 void unit_held_cancel_and_rid_memory() {
   Config c;
@@ -243,6 +279,7 @@ int run_unit() {
   unit_immediate_held();
   unit_close_and_timeout();
   unit_held_cancel_and_rid_memory();
+  unit_removed_uuids();
   unit_mark_is_delivery_and_close_drops();
   return kvsched::test::failures();
 }

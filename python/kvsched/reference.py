@@ -546,6 +546,15 @@ class ReferenceScheduler:
                     if op.decision is None:
                         self._cancel(op)
                 self._closed = True
+                # Nobody can poll() any more: let go of every queued handle, so an EXECUTE one
+                # that nobody else holds is recorded as dropped (docs/semantics.md).
+                while self._pollq:
+                    op, _ = self._pollq.popitem(last=False)
+                    h, op.handle = op.handle, None
+                    if h is not None:
+                        h._released = True
+                    del h
+                self._tick()
                 self._cond.notify_all()
         self._stop.set()
         if self._timer is not threading.current_thread():

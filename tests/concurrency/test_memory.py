@@ -150,3 +150,29 @@ def test_poll_backlog_stays_bounded(impl):
     write_report(f"concurrency_poll_backlog_{impl}", {
         "threads": n_threads + 2, "operations": len(rids), "poll_backlog": 8,
         "peak_poll_backlog": max(peaks), "evicted": evicted})
+
+
+def test_core_queues_do_not_grow_without_take_finished_or_poll():
+    """An engine that reads decisions with wait()/decision and completion with is_complete(),
+    and never calls take_finished() or poll(): the finished queue drops removed slots past a
+    threshold and the poll queue drops delivered entries, so neither grows with the number of
+    operations (a memory leak otherwise: each entry keeps its slot or operation alive)."""
+    s = kvsched.Scheduler(max_inflight=64)
+    w, t = s.worker, s.transfer
+    for i in range(6000):
+        rid = f"r{i % 50}"
+        w.create_slot(rid)
+        handles = []
+        for _ in range(2):
+            u = uuid.uuid4()
+            w.enqueue(rid, u, TransferKind.LOAD)
+            handles.append(t.schedule(rid, u))
+        for h in handles:
+            assert h.wait(0) is Decision.EXECUTE
+            h.mark_complete()
+        assert w.is_complete(rid)
+        w.remove_slot(rid)
+    st = s.stats()
+    assert st["finished_backlog"] <= 2048, st["finished_backlog"]
+    assert st["poll_backlog"] <= 4, st["poll_backlog"]
+    s.close()
