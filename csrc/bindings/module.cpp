@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../bench/core_bench.hpp"
+#include "fast_methods.hpp"
 #include "../core/scheduler.hpp"
 
 namespace py = pybind11;
@@ -374,6 +375,130 @@ struct TransferSide {
   StatePtr s;
 };
 
+// ------------------------------------------------------------------------------------------------
+// The per-operation calls, on CPython's vectorcall convention (see fast_methods.hpp for why).
+// Each does exactly what a pybind11 method with the same signature would do.
+
+namespace kb = kvsched::bindings;
+
+bool set_core_error() {
+  try {
+    throw;
+  } catch (const Error& e) {
+    PyErr_SetString(refs().errors.at(static_cast<int>(e.code())).ptr(), e.what());
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+template <class T>
+T& self_as(PyObject* self) {
+  return py::cast<T&>(py::handle(self));
+}
+
+PyObject* fast_create_slot(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  try {
+    auto a = kb::parse_args<1>("create_slot", {"rid"}, 1, args, nargs, kw);
+    self_as<WorkerSide>(self).s->sched.create_slot(to_rid(a[0]));
+    Py_RETURN_NONE;
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_remove_slot(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  try {
+    auto a = kb::parse_args<1>("remove_slot", {"rid"}, 1, args, nargs, kw);
+    self_as<WorkerSide>(self).s->sched.remove_slot(to_rid(a[0]));
+    Py_RETURN_NONE;
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_enqueue(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  try {
+    auto a = kb::parse_args<4>("enqueue", {"rid", "uuid", "kind", "mode"}, 3, args, nargs, kw);
+    WorkerSide& w = self_as<WorkerSide>(self);
+    const std::string r = to_rid(a[0]);
+    const Uuid u = to_uuid(a[1], r);
+    const Kind k = to_kind(a[2], r, u);
+    const Mode md = a[3] ? to_mode(a[3], r, &u) : Mode::kScheduled;
+    w.s->sched.enqueue(r, u, k, md);
+    Py_RETURN_NONE;
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_schedule(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  try {
+    auto a = kb::parse_args<4>("schedule", {"rid", "uuid", "requirement", "mode"}, 2, args, nargs,
+                               kw);
+    TransferSide& t = self_as<TransferSide>(self);
+    const std::string r = to_rid(a[0]);
+    const Uuid u = to_uuid(a[1], r);
+    const Mode md = a[3] ? to_mode(a[3], r, &u) : Mode::kScheduled;
+    const uint64_t req =
+        a[2] ? with_context(r, &u, [&] { return t.s->to_requirement(a[2]); }) : 0;
+    return Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md)).release().ptr();
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_mark_complete(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kw) {
+  try {
+    auto a = kb::parse_args<1>("mark_complete", {"error"}, 0, args, nargs, kw);
+    self_as<Handle>(self).mark_complete(a[0] ? py::handle(a[0]) : py::handle(Py_None));
+    Py_RETURN_NONE;
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_decision(PyObject* self, void*) {
+  try {
+    return self_as<Handle>(self).decision().release().ptr();
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+template <PyObject* (*Fn)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*)>
+PyCFunction as_cfunction() {
+  // The cast CPython's own modules use for METH_FASTCALL | METH_KEYWORDS functions.
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(Fn));
+}
+
+constexpr int kFast = METH_FASTCALL | METH_KEYWORDS;
+// CPython keeps pointers to these: static storage. The "$self, ...\n--\n\n" prefix gives
+// inspect.signature() the parameters.
+PyMethodDef kCreateSlotDef{"create_slot", as_cfunction<fast_create_slot>(), kFast,
+                           "create_slot($self, rid)\n--\n\nOpen the slot of request `rid`."};
+PyMethodDef kRemoveSlotDef{"remove_slot", as_cfunction<fast_remove_slot>(), kFast,
+                           "remove_slot($self, rid)\n--\n\nForget a complete slot."};
+PyMethodDef kEnqueueDef{"enqueue", as_cfunction<fast_enqueue>(), kFast,
+                        "enqueue($self, rid, uuid, kind, mode=0)\n--\n\n"
+                        "The worker half of operation `uuid` of request `rid`."};
+PyMethodDef kScheduleDef{"schedule", as_cfunction<fast_schedule>(), kFast,
+                         "schedule($self, rid, uuid, requirement=None, mode=0)\n--\n\n"
+                         "The transfer half of operation `uuid`; returns its Handle at once."};
+PyMethodDef kMarkCompleteDef{
+    "mark_complete", as_cfunction<fast_mark_complete>(), kFast,
+    "mark_complete($self, error=None)\n--\n\n"
+    "End the operation: completed, or failed when `error` (exception or str) is given."};
+PyGetSetDef kDecisionDef{"decision", fast_decision, nullptr,
+                         "Decision.EXECUTE / Decision.CANCEL, or None while undecided.", nullptr};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -411,8 +536,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("seconds"), "Busy-wait on the CPU for `seconds` with the GIL released.");
 
   py::class_<Handle>(m, "Handle", "A decided-or-pending transfer operation (SPEC section 3).")
-      .def_property_readonly("decision", &Handle::decision,
-                             "Decision.EXECUTE / Decision.CANCEL, or None while undecided.")
       .def_property_readonly("request_id", &Handle::request_id)
       .def_property_readonly("uuid", &Handle::uuid)
       .def_property_readonly("outcome", &Handle::outcome,
@@ -420,8 +543,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("immediate", &Handle::is_immediate)
       .def("wait", &Handle::wait, py::arg("timeout") = py::none(),
            "Block (GIL released) until decided; returns the Decision, or None on timeout/close.")
-      .def("mark_complete", &Handle::mark_complete, py::arg("error") = py::none(),
-           "End the operation: completed, or failed when `error` (exception or str) is given.")
       .def("_closed", &Handle::closed)
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__",
@@ -448,15 +569,6 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (SPEC section 3).")
-      .def("create_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.create_slot(to_rid(rid)); },
-           py::arg("rid"))
-      .def("enqueue",
-           [](WorkerSide& w, py::handle rid, py::handle uuid, py::handle kind, py::handle mode) {
-             std::string r = to_rid(rid);
-             Uuid u = to_uuid(uuid, r);
-             w.s->sched.enqueue(r, u, to_kind(kind, r, u), to_mode(mode, r, &u));
-           },
-           py::arg("rid"), py::arg("uuid"), py::arg("kind"), py::arg("mode") = 0)
       .def("enqueue_many",
            [](WorkerSide& w, py::handle rid, py::iterable uuids, py::handle kind, py::handle mode) {
              // Validate everything first so a bad element changes nothing... except what the core
@@ -493,22 +605,9 @@ PYBIND11_MODULE(_core, m) {
            },
            py::arg("rid"))
       .def("cancel_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.cancel_slot(to_rid(rid)); },
-           py::arg("rid"))
-      .def("remove_slot", [](WorkerSide& w, py::handle rid) { w.s->sched.remove_slot(to_rid(rid)); },
            py::arg("rid"));
 
   py::class_<TransferSide>(m, "TransferSide", "The leader / transfer half of a scheduler.")
-      .def("schedule",
-           [](TransferSide& t, py::handle rid, py::handle uuid, py::handle requirement,
-              py::handle mode) {
-             std::string r = to_rid(rid);
-             Uuid u = to_uuid(uuid, r);
-             Mode md = to_mode(mode, r, &u);
-             uint64_t req = with_context(r, &u, [&] { return t.s->to_requirement(requirement); });
-             return Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md));
-           },
-           py::arg("rid"), py::arg("uuid"), py::arg("requirement") = py::none(),
-           py::arg("mode") = 0)
       .def("schedule_many",
            [](TransferSide& t, py::handle rid, py::iterable uuids, py::handle requirement,
               py::handle mode) {
@@ -544,6 +643,14 @@ PYBIND11_MODULE(_core, m) {
              return out;
            },
            py::arg("max_items") = 64, py::arg("timeout") = 0.0);
+
+  // The per-operation calls (fast_methods.hpp).
+  kb::add_method(m.attr("WorkerSide"), &kCreateSlotDef);
+  kb::add_method(m.attr("WorkerSide"), &kRemoveSlotDef);
+  kb::add_method(m.attr("WorkerSide"), &kEnqueueDef);
+  kb::add_method(m.attr("TransferSide"), &kScheduleDef);
+  kb::add_method(m.attr("Handle"), &kMarkCompleteDef);
+  kb::add_getter(m.attr("Handle"), &kDecisionDef);
 
   py::class_<CoreState, StatePtr>(m, "Core")
       .def(py::init([](int64_t max_inflight, uint64_t num_layers, double op_timeout_s,
