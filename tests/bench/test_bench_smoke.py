@@ -45,5 +45,7 @@ def test_quick_json_and_plot(tmp_path):
     assert t["block_bytes"] > 0 and t["blocks"] > 0
     assert e["layers"] > 0 and e["iterations"] > 0
     assert 0.0 <= e["hidden_fraction"] <= 1.0
+    assert 0.0 <= e["steady_hidden_fraction"] <= 1.0
+    assert {"total", "first_iteration_loads", "later_loads", "last_stores"} <= set(e["unhidden_s"])
     assert e["failed_ops"] == 0
     assert png.stat().st_size > 10_000  # a rendered figure, not an empty file

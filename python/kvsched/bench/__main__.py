@@ -38,13 +38,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE.png", help="bandwidth vs block size and overlap timeline")
     p.add_argument("--ops", type=int, default=None, help="operations per scheduler measurement")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="engine iterations (default 24, --quick 4); the cold start and the last "
+                        "stores are paid once per run, so short runs show them more")
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--compute-ms", type=float, default=4.0, help="compute per layer (ms)")
     p.add_argument("--block-kib", type=int, default=64, help="block size of the engine simulation")
     p.add_argument("--compute", choices=("spin", "sleep", "both"), default="both",
                    help="layer compute: busy CPU work (spin), a CPU-free wait as when the layer "
                         "runs on a GPU (sleep), or both (json: engine = spin, engine_sleep)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="spin compute: leave thread placement to the OS (default: the forward "
+                        "thread gets one core, the transfer threads the others)")
     return p.parse_args(argv)
 
 
@@ -82,14 +87,22 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         summary = transfer_summary(tr, block_bytes=65536)
         result["transfer"] = {**summary, "rows": tr["rows"], "batched": tr.get("batched")}
 
-        cfg = EngineConfig(layers=args.layers, iterations=args.iterations or (4 if quick else 12),
-                           requests=args.requests, block_bytes=args.block_kib * 1024,
-                           compute_per_layer_s=args.compute_ms / 1e3, backend=backend)
-        modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
+    cfg = EngineConfig(layers=args.layers, iterations=args.iterations or (4 if quick else 24),
+                       requests=args.requests, block_bytes=args.block_kib * 1024,
+                       compute_per_layer_s=args.compute_ms / 1e3, backend=backend,
+                       pin=not args.no_pin)
+    modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
+    # The engine passes are timed: a refresh thread redrawing the spinner would compete for the
+    # GIL with the simulated engine, so this progress line is redrawn between passes only.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True, auto_refresh=False) as progress:
+        task = progress.add_task("engine", total=None)
         for mode in modes:
             cfg.compute = mode
             key = "engine" if mode == modes[0] else f"engine_{mode}"
-            result[key] = run_engine(cfg, progress=lambda m: say(f"engine ({mode}): {m}"))
+            say = lambda msg, mode=mode: progress.update(  # noqa: E731
+                task, description=f"engine ({mode}): {msg}", refresh=True)
+            result[key] = run_engine(cfg, progress=say)
     return result
 
 

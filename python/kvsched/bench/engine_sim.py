@@ -1,20 +1,42 @@
 """A simulated serving engine: the main job of kvsched-bench.
 
-Each iteration runs L layers of compute (busy CPU work with the GIL released on the host backend;
-a real spin kernel on the compute stream with the cuda backend is left to bench/gpu_check.sh).
-R requests per iteration onboard their cached blocks layer by layer (LOAD before the layer that
-reads them) and offload newly written blocks after each layer (STORE gated on
-``LayerComplete(k, i)``). An executor thread takes decided handles from ``transfer.poll`` and
-submits them to the transfer engine, which marks them when the bytes have landed.
+Each iteration runs L layers of compute (busy CPU work with the GIL released, or a CPU-free wait
+as when the layer runs on a GPU; a real spin kernel on the compute stream with the cuda backend is
+left to bench/gpu_check.sh). R requests per iteration onboard their cached blocks layer by layer
+(LOAD before the layer that reads them) and offload newly written blocks after each layer (STORE
+gated on ``LayerComplete(k, i)``).
+
+Three threads play the engine's parts, as a real engine splits them:
+
+* the forward thread computes layer after layer, waits for a layer's loads before computing it and
+  marks the layer complete after it; it never schedules, submits or waits for a store;
+* the planner (the engine's scheduler) onboards iteration i+1's requests while iteration i
+  computes (asked once iteration i's first layer has its loads): both halves of every
+  operation, loads in the order the layers read them;
+* the executor polls the scheduler's decisions and submits each copy from that same thread, so
+  a decision reaches the transfer engine without another handoff.
 
 The share of transfer time hidden behind compute is measured in the same run from three passes:
-compute only, transfers only (same jobs, no compute, no gating), and both together:
+compute only, transfers only (same jobs, no compute, no pinning), and both together:
 
     hidden_fraction = clamp((compute_s + transfer_s - wall_s) / transfer_s, 0, 1)
+
+The whole-run figure includes both edges of the run: the first layer of the first iteration waits
+for its loads with nothing to overlap them, and the last layer's stores have nothing after them.
+``steady_hidden_fraction`` applies the same formula to iterations 2..N-1 only (each pass timed
+between its own iteration starts), and ``unhidden_s`` splits ``wall_s - compute_s`` by cause.
+``other_processes_cpu`` says how much of the machine other processes used during the passes.
+
+Each pass freezes the heap its setup made (gc.freeze) before the clock starts, as a serving
+engine does after start-up. The GIL switch interval is left at Python's default (5 ms): 1 ms and
+0.2 ms did not reduce the unhidden time on a 2-core machine.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import queue
 import threading
 import time
 import uuid
@@ -25,7 +47,7 @@ import numpy as np
 
 from .. import _core
 from ..pool import BlockPool
-from ..protocol import LayerComplete, TransferKind
+from ..protocol import Decision, LayerComplete, TransferKind
 from ..scheduler import Scheduler
 from ..transfer import TransferEngine
 
@@ -33,7 +55,7 @@ from ..transfer import TransferEngine
 @dataclass
 class EngineConfig:
     layers: int = 8
-    iterations: int = 12
+    iterations: int = 24
     requests: int = 4
     blocks_per_layer: int = 4       # blocks each request loads and stores per layer
     block_bytes: int = 64 * 1024
@@ -42,6 +64,7 @@ class EngineConfig:
     compute: str = "spin"         # "spin": busy CPU work; "sleep": the CPU is free, as when
                                     # the layer runs on a GPU and the forward thread waits
     backend: str = "host"
+    pin: bool = True                # spin compute: the forward thread owns a core (see _Cores)
 
 
 @dataclass
@@ -51,56 +74,162 @@ class Timeline:
     stores: list[tuple[float, float]] = field(default_factory=list)
 
 
-class _Executor:
-    """Takes decided handles from the scheduler and submits their copies (one thread)."""
+@dataclass
+class _Op:
+    uuid: uuid.UUID
+    src: Any
+    dst: Any
+    pairs: np.ndarray
+    layer: int
+    iteration: int
+    load: bool
 
-    def __init__(self, sched: Scheduler, engine: TransferEngine, specs: dict, t0: float) -> None:
-        self.sched, self.engine, self.specs, self.t0 = sched, engine, specs, t0
-        self.jobs: dict[uuid.UUID, tuple[Any, float, threading.Event]] = {}
-        self.ready: dict[uuid.UUID, threading.Event] = {}
-        self.handoff_us: list[float] = []
+
+_POLL_BATCH = 4  # decided handles per poll(): one layer's loads in the default run
+
+
+class _LayerLoads:
+    """The loads one layer of one iteration reads: set once the executor has submitted them all."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.jobs: list[Any] = []
+        self.submitted = threading.Event()
+
+    def add(self, job: Any) -> None:  # executor thread only
+        self.jobs.append(job)
+        if len(self.jobs) == self.expected:
+            self.submitted.set()
+
+    def wait(self, timeout: float = 30) -> None:  # forward thread: wait_for_layer_load
+        self.submitted.wait(timeout)
+        for job in self.jobs:
+            if job is not None:
+                job.wait(timeout)
+
+
+class _Executor:
+    """Takes decided handles from the scheduler and submits their copies, on the polling thread."""
+
+    def __init__(self, sched: Scheduler, engine: TransferEngine, ops: dict[uuid.UUID, _Op],
+                 loads: dict[tuple[int, int], _LayerLoads]) -> None:
+        self.sched, self.engine, self.ops, self.loads = sched, engine, ops, loads
+        self.jobs: list[Any] = []
+        self.all_submitted = threading.Event()
+        if not ops:
+            self.all_submitted.set()
         self.mark_times: dict[tuple[int, int], float] = {}
+        self.handoff_us: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="kvsched-bench-executor", daemon=True)
         self.thread.start()
 
-    def event_for(self, u: uuid.UUID) -> threading.Event:
-        with self._lock:
-            return self.ready.setdefault(u, threading.Event())
-
     def _run(self) -> None:
-        t = self.sched.transfer
+        t, submit = self.sched.transfer, self.engine.submit
         while not self._stop.is_set():
-            for h in t.poll(max_items=256, timeout=0.05):
-                now = time.perf_counter()
-                spec = self.specs.pop(h.uuid)
-                key = spec.get("gate")
-                if key is not None and key in self.mark_times:
-                    self.handoff_us.append((now - self.mark_times[key]) * 1e6)
-                if h.decision is None or int(h.decision) != 1:
-                    continue
-                try:
-                    job = self.engine.submit(h, src=spec["src"], dst=spec["dst"],
-                                             pairs=spec["pairs"], layers=spec["layers"])
-                except Exception as exc:  # queue full or a bug: fail the op, never lose it
-                    self.errors.append(repr(exc))
-                    h.mark_complete(exc)
-                    job = None
-                with self._lock:
-                    self.jobs[h.uuid] = (job, now - self.t0, self.ready.setdefault(h.uuid, threading.Event()))
-                    self.ready[h.uuid].set()
+            # Small batches: poll() releases the GIL, so the copy workers start on the first
+            # decisions while later ones are still being submitted (with one batch of a whole
+            # iteration's loads, the first layer's copies waited for the last submit).
+            for h in t.poll(max_items=_POLL_BATCH, timeout=0.05):
+                op = self.ops[h.uuid]
+                marked = None if op.load else self.mark_times.get((op.iteration, op.layer))
+                if marked is not None:
+                    self.handoff_us.append((time.perf_counter() - marked) * 1e6)
+                job = None
+                if h.decision == Decision.EXECUTE:
+                    try:
+                        job = submit(h, src=op.src, dst=op.dst, pairs=op.pairs, layers=[op.layer])
+                    except Exception as exc:  # queue full or a bug: fail the op, never lose it
+                        self.errors.append(repr(exc))
+                        h.mark_complete(exc)
+                else:
+                    self.errors.append(f"{h.uuid} decided {h.decision}")
+                self.jobs.append(job)
+                if op.load:
+                    self.loads[op.iteration, op.layer].add(job)
+                if len(self.jobs) == len(self.ops):
+                    self.all_submitted.set()
 
     def stop(self) -> None:
         self._stop.set()
         self.thread.join(timeout=10)
 
 
+class _Planner:
+    """The engine's scheduler thread: onboards an iteration's requests when asked, so that the
+    forward thread spends no time on it (the GIL is free while the forward thread computes)."""
+
+    def __init__(self, sched: Scheduler, plans: dict[int, list[tuple[str, list[tuple[_Op, _Op]]]]]) -> None:
+        self.w, self.t, self.plans = sched.worker, sched.transfer, plans
+        self.errors: list[str] = []
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="kvsched-bench-planner", daemon=True)
+        self.thread.start()
+
+    def onboard(self, it: int) -> None:
+        self._queue.put(it)
+
+    def _run(self) -> None:
+        while (it := self._queue.get()) is not None:
+            try:
+                self._onboard(it)
+            except Exception as exc:  # reported; the forward thread then times out on the loads
+                self.errors.append(repr(exc))
+
+    def _onboard(self, it: int) -> None:
+        w, t, reqs = self.w, self.t, self.plans.get(it, [])
+        for rid, ops in reqs:  # the worker halves first, so each schedule() below joins at once
+            w.create_slot(rid)
+            w.enqueue_many(rid, [load.uuid for load, _ in ops], TransferKind.LOAD)
+            w.enqueue_many(rid, [store.uuid for _, store in ops], TransferKind.STORE)
+        layers = range(max((len(ops) for _, ops in reqs), default=0))
+        # Layer-major: every request's layer-0 load is decided (and copied) before any layer-1 load.
+        for k in layers:
+            for rid, ops in reqs:
+                t.schedule(rid, ops[k][0].uuid)
+        for k in layers:
+            for rid, ops in reqs:
+                t.schedule(rid, ops[k][1].uuid, requirement=LayerComplete(k, it))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.thread.join(timeout=10)
+
+
+class _Cores:
+    """Spin compute on a machine with 2+ cores: the forward thread gets one core, and the transfer
+    threads (planner, executor, copy workers) the others, as CPU inference engines bind their
+    compute threads. Unpinned, the OS time-slices the spinning forward thread with the copy
+    threads, and each preemption near a layer's end delays the whole forward pass (measured on
+    2 cores: ~0.1-0.2 s of run-queue wait in a 0.4 s pass)."""
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.saved = set(cpus)
+        self.enabled = len(cpus) >= 2
+        self.compute, self.transfer = set(cpus[:1]), set(cpus[1:])
+
+    def for_transfer_threads(self) -> None:
+        # Threads inherit the affinity of the thread that starts them: start them with this one.
+        if self.enabled:
+            os.sched_setaffinity(0, self.transfer)
+
+    def for_forward_thread(self) -> None:
+        if self.enabled:
+            os.sched_setaffinity(0, self.compute)
+
+    def restore(self) -> None:
+        if self.enabled:
+            os.sched_setaffinity(0, self.saved)
+
+
 def _sleep_until(deadline: float) -> None:
-    """Waits without using the CPU (GIL released), precise to about 0.1 ms."""
-    while (left := deadline - time.perf_counter()) > 0:
-        time.sleep(left if left > 0.0005 else 0)
+    """Waits without using the CPU, as a forward thread blocked on a GPU layer: one wait with the GIL
+    released (a loop of short sleeps would have to win the GIL back after each of them)."""
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
 
 
 def _pools(cfg: EngineConfig) -> tuple[BlockPool, BlockPool, int]:
@@ -116,124 +245,175 @@ def _pools(cfg: EngineConfig) -> tuple[BlockPool, BlockPool, int]:
         host: Any = pinned_zeros(shape, np.float32)
         host[...] = np.random.default_rng(0).random(shape, dtype=np.float32)
     else:
-        gpu = np.zeros(shape, dtype=np.float32)    # the "device" KV cache
+        # The "device" KV cache, written once so that its pages are resident like a real cache's
+        # (np.zeros would leave the first copies into each page to pay its page fault).
+        gpu = np.empty(shape, dtype=np.float32)
+        gpu.fill(0.0)
         host = np.random.default_rng(0).random(shape, dtype=np.float32)
     return BlockPool.from_array(gpu), BlockPool.from_array(host), per_iter
 
 
-def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    gpu, host, per_iter = _pools(cfg)
-    sched = Scheduler(max_inflight=cfg.max_inflight, num_layers=cfg.layers)
-    engine = TransferEngine(sched, backend=cfg.backend)
-    specs: dict[uuid.UUID, dict] = {}
-    t0 = time.perf_counter()
-    ex = _Executor(sched, engine, specs, t0)
-    tl = Timeline()
-    w, t = sched.worker, sched.transfer
+def _plans(cfg: EngineConfig, gpu: BlockPool, host: BlockPool, per_iter: int
+           ) -> dict[int, list[tuple[str, list[tuple[_Op, _Op]]]]]:
+    """Every iteration's requests, drawn before the clock starts: the simulation times the
+    scheduler and the copies, not numpy's random generator."""
     rng = np.random.default_rng(1)
-    all_stores: list[uuid.UUID] = []
-    all_loads: list[uuid.UUID] = []
-    try:
-        # The requests' block lists are drawn before the clock matters: the simulation times the
-        # scheduler and the copies, not numpy's random generator.
-        plans: dict[int, list[tuple[str, list[tuple[uuid.UUID, uuid.UUID, dict, dict]]]]] = {}
-        if transfer:
-            for it in range(1, cfg.iterations + 1):
-                reqs = []
-                for r in range(cfg.requests):
-                    ops = []
-                    for k in range(cfg.layers):
-                        # Scattered block ids, as a paged KV cache hands them out.
-                        src_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
-                        dst_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
-                        ops.append((uuid.uuid4(), uuid.uuid4(),
-                                    dict(src=host, dst=gpu, layers=[k],
-                                         pairs=np.stack([src_ids, dst_ids], axis=1)),
-                                    dict(src=gpu, dst=host, layers=[k], gate=(it, k),
-                                         pairs=np.stack([dst_ids, src_ids], axis=1))))
-                    reqs.append((f"req{r}-it{it}", ops))
-                plans[it] = reqs
-        t0 = ex.t0 = time.perf_counter()
-
-        def onboard(it: int) -> list[list[uuid.UUID]]:
-            """Schedules iteration `it`'s requests: LOADs (no requirement: they run as soon as a
-            token is free, ahead of the layer that reads them) and STOREs gated on
-            LayerComplete(k, it)."""
-            ids: list[list[uuid.UUID]] = [[] for _ in range(cfg.layers)]
-            for rid, ops in plans.get(it, []):
-                w.create_slot(rid)
-                for k, (lu, su, load_spec, store_spec) in enumerate(ops):
-                    specs[lu], specs[su] = load_spec, store_spec
-                    w.enqueue(rid, lu, TransferKind.LOAD)
-                    w.enqueue(rid, su, TransferKind.STORE)
-                    t.schedule(rid, lu)
-                    t.schedule(rid, su, requirement=LayerComplete(k, it))
-                    ids[k].append(lu)
-                    all_loads.append(lu)
-                    all_stores.append(su)
-            return ids
-
-        # The engine's scheduler decides one step ahead: iteration it+1's onboarding is issued
-        # when iteration it starts, so its loads overlap iteration it's compute.
-        upcoming = onboard(1)
-        for _ in range(cfg.iterations):
-            it = w.start_next_iteration()
-            load_ids = upcoming
-            upcoming = onboard(it + 1) if it < cfg.iterations else [[] for _ in range(cfg.layers)]
+    plans = {}
+    for it in range(1, cfg.iterations + 1):
+        reqs = []
+        for r in range(cfg.requests):
+            ops = []
             for k in range(cfg.layers):
-                for lu in load_ids[k]:  # wait_for_layer_load: the layer reads these blocks
-                    ex.event_for(lu).wait(30)
-                    job = ex.jobs[lu][0]
-                    if job is not None:
-                        job.wait(30)
-                if compute:
-                    c0 = time.perf_counter()
-                    if cfg.compute == "spin":
-                        _core._spin(cfg.compute_per_layer_s)
-                    else:
-                        _sleep_until(c0 + cfg.compute_per_layer_s)
-                    tl.compute.append((c0 - t0, time.perf_counter() - t0))
-                ex.mark_times[(it, k)] = time.perf_counter()
-                w.mark_layer_complete(k)
-            w.mark_iteration_complete()
-            if progress:
-                progress(f"iteration {it}/{cfg.iterations}")
-        # Drain: every store must land before the blocks could be reused.
-        for su in all_stores:
-            ex.event_for(su).wait(30)
-            job = ex.jobs[su][0]
-            if job is not None:
-                job.wait(30)
-        wall = time.perf_counter() - t0
-        for ids, bucket in ((all_loads, tl.loads), (all_stores, tl.stores)):
-            for u in ids:
-                job, start, _ = ex.jobs[u]
-                if job is not None and job.seconds is not None:
-                    bucket.append((start, start + job.seconds))
-        failed = sum(1 for u in all_loads + all_stores
-                     if ex.jobs[u][0] is None or not ex.jobs[u][0].ok)
-        stats = sched.stats()
+                # Scattered block ids, as a paged KV cache hands them out.
+                src_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
+                dst_ids = rng.choice(per_iter * 2, cfg.blocks_per_layer, replace=False)
+                ops.append((_Op(uuid.uuid4(), host, gpu, np.stack([src_ids, dst_ids], axis=1), k, it, True),
+                            _Op(uuid.uuid4(), gpu, host, np.stack([dst_ids, src_ids], axis=1), k, it, False)))
+            reqs.append((f"req{r}-it{it}", ops))
+        plans[it] = reqs
+    return plans
+
+
+def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any]:
+    gpu, host, per_iter = _pools(cfg)
+    plans = _plans(cfg, gpu, host, per_iter) if transfer else {}
+    ops = {op.uuid: op for reqs in plans.values() for _, pairs in reqs for pair in pairs for op in pair}
+    loads = {(it, k): _LayerLoads(cfg.requests) for it in plans for k in range(cfg.layers)}
+    # Only spin compute needs a core of its own; a forward thread that waits (sleep) leaves every
+    # core to the copies, and so does the transfers-only pass (the smallest transfer_s).
+    cores = _Cores() if compute and cfg.pin and cfg.compute == "spin" else None
+    try:
+        if cores:
+            cores.for_transfer_threads()
+        with Scheduler(max_inflight=cfg.max_inflight, num_layers=cfg.layers) as sched, \
+                TransferEngine(sched, backend=cfg.backend) as engine:
+            ex = _Executor(sched, engine, ops, loads)
+            planner = _Planner(sched, plans)
+            if cores:
+                cores.for_forward_thread()
+            # What the setup allocated goes to the permanent generation, as a serving engine
+            # freezes its heap after start-up: else a full collection that happens to run on a
+            # copy thread holds the GIL for tens of ms (measured: one 29 ms gen-2 pass stalled
+            # a layer by 26 ms), a pause of the runtime, not of transfers or scheduling.
+            gc.collect()
+            gc.freeze()
+            try:
+                out = _forward(cfg, compute, transfer, sched, ex, planner, loads)
+            finally:
+                gc.unfreeze()
+                planner.stop()
+                ex.stop()
     finally:
-        ex.stop()
-        engine.close(timeout=30)
-        sched.close()
-    return {"wall_s": wall, "timeline": tl, "handoff_us": ex.handoff_us, "failed": failed,
-            "ops": len(all_loads) + len(all_stores), "stats": stats, "errors": ex.errors,
-            "bytes": (len(all_loads) + len(all_stores)) * cfg.blocks_per_layer * cfg.block_bytes}
+        if cores:
+            cores.restore()
+    tl, t0 = out["timeline"], out.pop("t0")
+    for job in ex.jobs:
+        if job is not None and job.finished_at is not None:
+            span = (job.submitted_at - t0, job.finished_at - t0)
+            (tl.loads if ops[job.uuid].load else tl.stores).append(span)
+    failed = sum(1 for job in ex.jobs if job is None or not job.ok) + len(ops) - len(ex.jobs)
+    return {**out, "handoff_us": ex.handoff_us, "failed": failed, "ops": len(ops),
+            "errors": ex.errors + planner.errors, "pinned": bool(cores and cores.enabled),
+            "bytes": len(ops) * cfg.blocks_per_layer * cfg.block_bytes}
+
+
+def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler, ex: _Executor,
+             planner: _Planner, loads: dict[tuple[int, int], _LayerLoads]) -> dict[str, Any]:
+    """The forward thread's timed run: iterations of layers, then the drain of the last stores."""
+    w = sched.worker
+    tl = Timeline()
+    starts: list[float] = []
+    load_wait = [0.0] * (cfg.iterations + 1)
+    t0 = time.perf_counter()
+    if transfer:
+        planner.onboard(1)  # cold start: nothing computes yet to hide these loads
+    for _ in range(cfg.iterations):
+        it = w.start_next_iteration()
+        starts.append(time.perf_counter() - t0)
+        for k in range(cfg.layers):
+            if transfer:
+                a = time.perf_counter()
+                loads[it, k].wait()
+                load_wait[it] += time.perf_counter() - a
+                if k == 0 and it < cfg.iterations:
+                    # One step ahead: the next iteration's loads overlap this one's compute. Asked
+                    # once this layer's loads are in, so that on the cold start the planner does
+                    # not compete with them for the GIL.
+                    planner.onboard(it + 1)
+            if compute:
+                c0 = time.perf_counter()
+                if cfg.compute == "spin":
+                    _core._spin(cfg.compute_per_layer_s)
+                else:
+                    _sleep_until(c0 + cfg.compute_per_layer_s)
+                tl.compute.append((c0 - t0, time.perf_counter() - t0))
+            ex.mark_times[it, k] = time.perf_counter()
+            w.mark_layer_complete(k)
+        w.mark_iteration_complete()
+    # Drain: every store must land before its blocks could be reused.
+    end_loop = time.perf_counter() - t0
+    ex.all_submitted.wait(30)
+    for job in ex.jobs:
+        if job is not None:
+            job.wait(30)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "t0": t0, "timeline": tl, "starts": starts, "end_loop_s": end_loop,
+            "load_wait_s": load_wait, "stats": sched.stats()}
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process) where /proc/stat exists, so that a
+    run disturbed by other processes says so."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:8]]
+        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]  # user nice system irq softirq
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _steady(p: dict[str, Any]) -> float:
+    """Seconds from the start of iteration 2 to the start of iteration N (iterations 2..N-1)."""
+    return p["starts"][-1] - p["starts"][1] if len(p["starts"]) >= 3 else 0.0
+
+
+def _fraction(compute_s: float, transfer_s: float, wall_s: float) -> float:
+    hidden = (compute_s + transfer_s - wall_s) / transfer_s if transfer_s > 0 else 0.0
+    return float(min(1.0, max(0.0, hidden)))
 
 
 def run_engine(cfg: EngineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     say = progress or (lambda m: None)
+    cpu0, t_start = _cpu_times(), time.perf_counter()
+    # Progress is reported between passes only: nothing else runs Python during a timed pass.
     say("compute only")
     compute_pass = _run_pass(cfg, compute=True, transfer=False)
     say("transfers only")
     transfer_pass = _run_pass(cfg, compute=False, transfer=True)
     say("engine: compute + transfers")
-    both = _run_pass(cfg, compute=True, transfer=True, progress=say)
+    both = _run_pass(cfg, compute=True, transfer=True)
+    cpu1, elapsed = _cpu_times(), time.perf_counter() - t_start
+    other_cpu = None
+    if cpu0 and cpu1:  # share of the machine other processes used meanwhile (0: undisturbed)
+        other_cpu = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / (elapsed * (os.cpu_count() or 1))
     compute_s, transfer_s, wall_s = compute_pass["wall_s"], transfer_pass["wall_s"], both["wall_s"]
-    hidden = (compute_s + transfer_s - wall_s) / transfer_s if transfer_s > 0 else 0.0
     handoff = np.array(both["handoff_us"] or [0.0])
+    # Where wall_s - compute_s went: the forward thread waiting for loads (the first iteration's
+    # with nothing to overlap them, then the later ones), waiting for the last stores after the
+    # loop, and its layers taking longer than in the compute-only pass (won back the GIL or a core
+    # late); "other" is the rest of the forward thread's own work (marks, bookkeeping).
+    stretch = (sum(b - a for a, b in both["timeline"].compute)
+               - sum(b - a for a, b in compute_pass["timeline"].compute))
+    unhidden = {
+        "total": wall_s - compute_s,
+        "first_iteration_loads": both["load_wait_s"][1],
+        "later_loads": sum(both["load_wait_s"][2:]),
+        "last_stores": wall_s - both["end_loop_s"],
+        "compute_stretch": stretch,
+    }
+    unhidden["other"] = unhidden["total"] - sum(v for k, v in unhidden.items() if k != "total")
     return {
         "compute_mode": cfg.compute,
         "layers": cfg.layers,
@@ -244,9 +424,17 @@ def run_engine(cfg: EngineConfig, progress: Callable[[str], None] | None = None)
         "compute_s": compute_s,
         "transfer_s": transfer_s,
         "wall_s": wall_s,
-        "hidden_fraction": float(min(1.0, max(0.0, hidden))),
+        "hidden_fraction": _fraction(compute_s, transfer_s, wall_s),
+        "steady_hidden_fraction": _fraction(_steady(compute_pass), _steady(transfer_pass), _steady(both)),
+        "steady_iterations": max(cfg.iterations - 2, 0),
+        "steady_s": {"compute": _steady(compute_pass), "transfer": _steady(transfer_pass),
+                     "wall": _steady(both)},
+        "unhidden_s": unhidden,
+        "forward_thread_pinned": both["pinned"],
+        "other_processes_cpu": other_cpu,
         "ops": both["ops"],
         "failed_ops": both["failed"],
+        "errors": both["errors"][:5],
         "bytes_moved": both["bytes"],
         "handoff_latency_us": {"p50": float(np.percentile(handoff, 50)),
                                "p99": float(np.percentile(handoff, 99))},

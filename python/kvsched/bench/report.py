@@ -60,11 +60,29 @@ def _engine_table(e: dict[str, Any], console: Console) -> None:
     t.add_row("compute only (s)", f"{e['compute_s']:.3f}")
     t.add_row("transfers only (s)", f"{e['transfer_s']:.3f}")
     t.add_row("both (s)", f"{e['wall_s']:.3f}")
-    t.add_row("transfer time hidden", f"{100 * e['hidden_fraction']:.0f} %")
+    t.add_row("transfer time hidden, whole run", f"{100 * e['hidden_fraction']:.0f} %")
+    if "steady_hidden_fraction" in e:
+        t.add_row(f"transfer time hidden, steady state (iterations 2..{e['iterations'] - 1})",
+                  f"{100 * e['steady_hidden_fraction']:.0f} %")
+    u = e.get("unhidden_s")
+    if u:  # where wall - compute went
+        t.add_row("unhidden: both - compute only (ms)", f"{1e3 * u['total']:.1f}")
+        for key, label in (("first_iteration_loads", "first iteration's loads (cold start)"),
+                           ("later_loads", "later loads"), ("last_stores", "last layer's stores"),
+                           ("compute_stretch", "layers slower than in compute only"),
+                           ("other", "other forward-thread work")):
+            t.add_row(f"  {label}", f"{1e3 * u[key]:.1f}")
+    if "forward_thread_pinned" in e:
+        t.add_row("forward thread on a core of its own", "yes" if e["forward_thread_pinned"] else "no")
+    if e.get("other_processes_cpu") is not None:
+        t.add_row("CPU used by other processes meanwhile", f"{100 * e['other_processes_cpu']:.0f} %")
     t.add_row("ops / failed", f"{e['ops']} / {e['failed_ops']}")
     t.add_row("mark -> executor handoff p50 / p99 (us)",
               f"{e['handoff_latency_us']['p50']:.0f} / {e['handoff_latency_us']['p99']:.0f}")
     console.print(t)
+    if (e.get("other_processes_cpu") or 0) > 0.1:
+        console.print(f"[yellow]other processes used {100 * e['other_processes_cpu']:.0f} % of the "
+                      "CPU during these passes: the figures above are disturbed, rerun when idle[/]")
 
 
 def _size(n: int) -> str:
