@@ -43,7 +43,7 @@ Scheduler::Scheduler(const Config& config)
   if (config.max_inflight < 1) throw Error(ErrorCode::kInvalidArgument, "max_inflight must be >= 1");
   if ((shards_.size() & (shards_.size() - 1)) != 0)
     throw Error(ErrorCode::kInvalidArgument, "join_shards must be a power of two");
-  for (auto& sh : shards_) sh.map.reserve(1024);
+  for (auto& sh : shards_) sh.map.reserve(64);
   if (config_.op_timeout_ns > 0) deadline_thread_ = std::thread([this] { deadline_loop(); });
 }
 

@@ -66,10 +66,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         with TransferEngine(None, backend="auto") as probe:
             backend = probe.backend
     result: dict[str, Any] = {"backend": backend, "device": _device(backend)}
+    # Every section is timed: a refresh thread redrawing the spinner would compete for the GIL
+    # with the Python paths being measured, so the progress line is redrawn between steps only.
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, auto_refresh=False) as progress:
         task = progress.add_task("scheduler: ops/s", total=None)
-        say = lambda msg: progress.update(task, description=msg)  # noqa: E731
+        progress.refresh()
+        say = lambda msg: progress.update(task, description=msg, refresh=True)  # noqa: E731
         sched = scheduler_bench.ops_per_second(ops)
         say("scheduler: thread scaling")
         sched["threads"] = scheduler_bench.thread_scaling(ops // 2)
@@ -92,8 +95,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                        compute_per_layer_s=args.compute_ms / 1e3, backend=backend,
                        pin=not args.no_pin)
     modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
-    # The engine passes are timed: a refresh thread redrawing the spinner would compete for the
-    # GIL with the simulated engine, so this progress line is redrawn between passes only.
+    # The engine passes likewise: redrawn between passes only.
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True, auto_refresh=False) as progress:
         task = progress.add_task("engine", total=None)
