@@ -397,30 +397,35 @@ T& self_as(PyObject* self) {
   return py::cast<T&>(py::handle(self));
 }
 
-PyObject* fast_create_slot(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+// Runs a method body; a C++ exception escaping it becomes the Python error (and nullptr).
+template <class Body>
+PyObject* guarded(Body&& body) {
   try {
+    return body();
+  } catch (...) {
+    kb::set_python_error(set_core_error);
+    return nullptr;
+  }
+}
+
+PyObject* fast_create_slot(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  return guarded([&]() -> PyObject* {
     auto a = kb::parse_args<1>("create_slot", {"rid"}, 1, args, nargs, kw);
     self_as<WorkerSide>(self).s->sched.create_slot(to_rid(a[0]));
     Py_RETURN_NONE;
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  });
 }
 
 PyObject* fast_remove_slot(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
-  try {
+  return guarded([&]() -> PyObject* {
     auto a = kb::parse_args<1>("remove_slot", {"rid"}, 1, args, nargs, kw);
     self_as<WorkerSide>(self).s->sched.remove_slot(to_rid(a[0]));
     Py_RETURN_NONE;
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  });
 }
 
 PyObject* fast_enqueue(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
-  try {
+  return guarded([&]() -> PyObject* {
     auto a = kb::parse_args<4>("enqueue", {"rid", "uuid", "kind", "mode"}, 3, args, nargs, kw);
     WorkerSide& w = self_as<WorkerSide>(self);
     const std::string r = to_rid(a[0]);
@@ -429,14 +434,11 @@ PyObject* fast_enqueue(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
     const Mode md = a[3] ? to_mode(a[3], r, &u) : Mode::kScheduled;
     w.s->sched.enqueue(r, u, k, md);
     Py_RETURN_NONE;
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  });
 }
 
 PyObject* fast_schedule(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
-  try {
+  return guarded([&]() -> PyObject* {
     auto a = kb::parse_args<4>("schedule", {"rid", "uuid", "requirement", "mode"}, 2, args, nargs,
                                kw);
     TransferSide& t = self_as<TransferSide>(self);
@@ -446,31 +448,20 @@ PyObject* fast_schedule(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
     const uint64_t req =
         a[2] ? with_context(r, &u, [&] { return t.s->to_requirement(a[2]); }) : 0;
     return Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md)).release().ptr();
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  });
 }
 
 PyObject* fast_mark_complete(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
                              PyObject* kw) {
-  try {
+  return guarded([&]() -> PyObject* {
     auto a = kb::parse_args<1>("mark_complete", {"error"}, 0, args, nargs, kw);
     self_as<Handle>(self).mark_complete(a[0] ? py::handle(a[0]) : py::handle(Py_None));
     Py_RETURN_NONE;
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  });
 }
 
 PyObject* fast_decision(PyObject* self, void*) {
-  try {
-    return self_as<Handle>(self).decision().release().ptr();
-  } catch (...) {
-    kb::set_python_error(set_core_error);
-    return nullptr;
-  }
+  return guarded([&]() -> PyObject* { return self_as<Handle>(self).decision().release().ptr(); });
 }
 
 template <PyObject* (*Fn)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*)>
