@@ -10,7 +10,8 @@
 //
 // Contract: the body receives the C++ object and the arguments by parameter name (nullptr for an
 // omitted optional one); argument misuse raises TypeError with Python's wording; a C++ exception
-// escaping the body becomes the Python error pybind11 would have raised for it.
+// escaping the body becomes a Python error: the core's errors their kvsched.errors class, pybind11's
+// and Python's own exceptions themselves, MemoryError for bad_alloc, RuntimeError for the rest.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -26,9 +27,9 @@ namespace py = pybind11;
 
 // Converts the exception in flight into the Python error indicator. `on_core_error` handles the
 // core's own exception type (it knows the kvsched.errors classes); it returns false for others.
-using CoreErrorHandler = bool (*)();
+using CoreErrorHandler = bool (*)() noexcept;
 
-inline void set_python_error(CoreErrorHandler on_core_error) {
+inline void set_python_error(CoreErrorHandler on_core_error) noexcept {
   try {
     throw;
   } catch (py::error_already_set& e) {
@@ -58,7 +59,8 @@ std::array<PyObject*, N> parse_args(const char* fn, const std::array<const char*
   std::array<PyObject*, N> out{};
   if (static_cast<size_t>(nargs) > N)
     throw py::type_error(std::string(fn) + "() takes at most " + std::to_string(N) +
-                         " arguments (" + std::to_string(nargs) + " given)");
+                         (N == 1 ? " argument (" : " arguments (") + std::to_string(nargs) +
+                         " given)");
   for (Py_ssize_t i = 0; i < nargs; ++i) out[static_cast<size_t>(i)] = args[i];
   const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
   for (Py_ssize_t k = 0; k < nkw; ++k) {

@@ -334,7 +334,13 @@ class Handle {
     }
     std::string msg;
     if (PyExceptionInstance_Check(error.ptr())) {
-      msg = std::string(Py_TYPE(error.ptr())->tp_name) + ": " + py::str(error).cast<std::string>();
+      msg = Py_TYPE(error.ptr())->tp_name;
+      // The message is a courtesy: an exception whose __str__ fails still fails the operation.
+      try {
+        msg += ": " + py::str(error).cast<std::string>();
+      } catch (py::error_already_set&) {
+        msg += " (its str() raised)";
+      }
     } else if (PyUnicode_Check(error.ptr())) {
       msg = error.cast<std::string>();
     } else {
@@ -381,11 +387,13 @@ struct TransferSide {
 
 namespace kb = kvsched::bindings;
 
-bool set_core_error() {
+bool set_core_error() noexcept {
   try {
     throw;
   } catch (const Error& e) {
-    PyErr_SetString(refs().errors.at(static_cast<int>(e.code())).ptr(), e.what());
+    auto& errors = refs().errors;
+    auto it = errors.find(static_cast<int>(e.code()));
+    PyErr_SetString(it != errors.end() ? it->second.ptr() : PyExc_RuntimeError, e.what());
     return true;
   } catch (...) {
     return false;
@@ -399,7 +407,7 @@ T& self_as(PyObject* self) {
 
 // Runs a method body; a C++ exception escaping it becomes the Python error (and nullptr).
 template <class Body>
-PyObject* guarded(Body&& body) {
+PyObject* guarded(Body&& body) noexcept {
   try {
     return body();
   } catch (...) {
@@ -667,7 +675,11 @@ PYBIND11_MODULE(_core, m) {
       .def("stats", [](CoreState& s) { return s.sched.stats(); })
       .def("close",
            [](CoreState& s) {
-             py::gil_scoped_release nogil;
+             // With the GIL held on purpose: every other non-blocking call of the bindings also
+             // holds it, so close() cannot land between the core deciding an op inside
+             // schedule() and the Handle object (its view) being created, where close() would
+             // see an undelivered EXECUTE op nobody holds and fail it as dropped. Safe: the core
+             // never waits for Python, so no thread it joins or wakes needs the GIL to finish.
              s.sched.close();
            })
       .def_property_readonly("closed", [](CoreState& s) { return s.sched.closed(); });

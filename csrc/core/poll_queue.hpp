@@ -30,9 +30,10 @@ class PollQueue {
       std::lock_guard<Mutex> lock(mu_);
       // Entries whose decision was delivered meanwhile (wait/decision on the handle) would only
       // be skipped by pop(): drop them from the front now, so a caller that reads decisions
-      // directly does not keep a backlog of ended operations alive.
-      // Only the queue's reference goes (no view: a delivered op's drop check happens when its
-      // handle objects go). order: relaxed — a hint: a stale `false` keeps the entry for pop().
+      // directly does not keep a backlog of ended operations alive. Dropping an entry releases
+      // only the queue's shared_ptr; it is not a view, and a delivered op is checked for a drop
+      // when its last handle object goes, not here.
+      // order: relaxed — a hint: a stale `false` keeps the entry for pop() to skip.
       while (!queue_.empty() && queue_.front()->delivered.load(std::memory_order_relaxed))
         queue_.pop_front();
       if (queue_.size() >= capacity_) {
@@ -59,6 +60,8 @@ class PollQueue {
     std::vector<OpPtr> out;
     std::unique_lock<Mutex> lock(mu_);
     for (;;) {
+      // Closed: nothing is handed out any more (Scheduler::close fails what nobody holds).
+      if (closed_) return out;
       while (!queue_.empty() && out.size() < max_items) {
         OpPtr op = std::move(queue_.front());
         queue_.pop_front();
@@ -75,7 +78,7 @@ class PollQueue {
           skipped->push_back(std::move(op));
         }
       }
-      if (!out.empty() || closed_ || max_items == 0) return out;
+      if (!out.empty() || max_items == 0) return out;
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
         if (queue_.empty()) return out;
       }

@@ -30,7 +30,8 @@ class RemovedUuids {
   // Remembers `u` (no-op when already remembered). Returns how many uuids were forgotten to stay
   // within capacity (0 or 1).
   size_t add(const Uuid& u) {
-    if (capacity_ == 0 || contains(u)) return 0;
+    if (capacity_ == 0) return 1;  // remembers nothing: forgotten at once
+    if (contains(u)) return 0;
     if (2 * (order_.size() + 1) > keys_.size()) rehash(2 * keys_.size());
     insert(u);
     order_.push_back(u);

@@ -98,8 +98,9 @@ void Scheduler::remember_cancelled_rid_locked(const std::string& rid) {
 }
 
 void Scheduler::forget_held_cancels(std::vector<OpPtr> evicted) {
-  // Called with no lock held (shard locks nest outside rid_mu_). A held cancel whose worker half
-  // has joined meanwhile belongs to a slot now and leaves the table with that slot.
+  // Takes shard locks, so it runs with no lock held (the lock order is shard -> rid_mu_, and the
+  // caller found these under rid_mu_). A held cancel whose worker half has joined meanwhile
+  // belongs to a slot now and leaves the table with that slot.
   for (auto& op : evicted) {
     Shard& sh = shard(op->uuid);
     std::lock_guard<Mutex> lock(sh.mu);
@@ -350,9 +351,10 @@ bool Scheduler::is_removed_uuid(const Uuid& uuid) {
 }
 
 void Scheduler::remember_removed(const std::vector<OpPtr>& ops) {
-  // First remember, then leave the join table: a half looking the uuid up in between finds the
-  // ended op and gets what the removed-uuid memory would give it (a duplicate for the worker
-  // side, CANCEL for a transfer half that never came), so the uuid is never in neither.
+  // First remember, then leave the join table. A half looking the uuid up in between still
+  // finds the ended op and gets what the removed-uuid memory would give it (a duplicate for the
+  // worker side, CANCEL for a transfer half that never came): at no moment is the uuid missing
+  // from both places.
   size_t forgotten = 0;
   {
     std::lock_guard<Mutex> lock(removed_mu_);
@@ -422,23 +424,33 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
       op = std::make_shared<Op>(uuid, rid, mode);
       // order: relaxed (all stores here) — the op is published by the shard lock.
       op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
-      if (mode == Mode::kScheduled && rid_cancelled_locked(rid)) {
+      held_cancel = mode == Mode::kScheduled && rid_cancelled_locked(rid);
+      if (held_cancel) {
         // S6: decided CANCEL at once, and held in the join table (decided and ended before it
         // is shared) so that a worker half of a later slot of this rid joins it and counts it
         // cancelled instead of waiting for a transfer half that already came.
-        held_cancel = true;
         op->decision.store(static_cast<uint8_t>(Decision::kCancel), std::memory_order_relaxed);
         op->outcome.store(static_cast<uint8_t>(Outcome::kCancelled), std::memory_order_relaxed);
         op->counted.store(Op::kEnded, std::memory_order_relaxed);
-        held_cancels_.push_back(op);
-        while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
-          evicted_held.push_back(std::move(held_cancels_.front()));
-          held_cancels_.pop_front();
-        }
-      } else if (mode == Mode::kScheduled) {
-        pending_by_rid_[rid].push_back(op);
       }
-      sh.map.emplace(uuid, op);
+      // The table first: if a bookkeeping push below throws (bad_alloc), the entry is taken out
+      // again and the call leaves the scheduler as it was (S8).
+      auto [entry, inserted] = sh.map.emplace(uuid, op);
+      (void)inserted;  // the find() above missed under this lock
+      try {
+        if (held_cancel) {
+          held_cancels_.push_back(op);
+          while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
+            evicted_held.push_back(std::move(held_cancels_.front()));
+            held_cancels_.pop_front();
+          }
+        } else if (mode == Mode::kScheduled) {
+          pending_by_rid_[rid].push_back(op);
+        }
+      } catch (...) {
+        sh.map.erase(entry);
+        throw;
+      }
       created = true;
     }
   }

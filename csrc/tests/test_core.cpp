@@ -162,7 +162,7 @@ void unit_removed_uuids() {
       const Uuid u{rng() % 3, rng() % 64};
       const bool had = members.count({u.hi, u.lo}) != 0;
       CHECK(set.contains(u) == had);
-      size_t forgotten_model = 0;
+      size_t forgotten_model = cap == 0 ? 1 : 0;  // capacity 0: forgotten at once
       if (cap > 0 && !had) {
         order.push_back(u);
         members.insert({u.hi, u.lo});

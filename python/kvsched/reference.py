@@ -105,6 +105,14 @@ def _index(value, what, ctx, limit=2**63 - 1):
     return int(value)
 
 
+def _describe(exc):
+    """'Type: message' of an exception; an exception whose str() raises still fails its op."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001
+        return f"{type(exc).__name__} (its str() raised)"
+
+
 def _timeout(value, what="timeout"):
     if value is None:
         return None
@@ -503,7 +511,7 @@ class ReferenceScheduler:
         self._waiting_t = {}                          # rid -> {uuid: _Op}: T halves without W half
         self._cancelled_rids = collections.OrderedDict()  # until create_slot (bounded)
         self._removed = collections.OrderedDict()     # uuids of removed slots, FIFO, bounded
-        self._held = collections.OrderedDict()        # uuid -> _Op: held cancels, FIFO, bounded
+        self._held = collections.deque()              # _Op: held cancels, FIFO, bounded
         self._finished = collections.OrderedDict()    # rid -> _Slot that completed
         self._pollq = collections.OrderedDict()       # _Op -> None, decided and undelivered
         self._drops = collections.deque()             # _Op whose delivered handle died unmarked
@@ -727,9 +735,10 @@ class ReferenceScheduler:
     def _hold_cancel(self, op):
         """A transfer half decided CANCEL for a cancelled rid waits in the table for its worker
         half; at most removed_memory of them (the oldest unjoined one is forgotten)."""
-        self._held[op.uuid] = op
+        self._held.append(op)  # by identity: a uuid may be held again once forgotten elsewhere
         while len(self._held) > max(self._removed_cap, 1):
-            u, old = self._held.popitem(last=False)
+            old = self._held.popleft()
+            u = old.uuid
             if not old.has_worker and self._ops.get(u) is old:
                 del self._ops[u]
                 waiting = self._waiting_t.get(old.rid)
@@ -796,5 +805,5 @@ class ReferenceScheduler:
             if error is None:
                 self._end(op, "completed")
             else:
-                text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+                text = error if isinstance(error, str) else _describe(error)
                 self._end(op, "failed", text)

@@ -341,3 +341,90 @@ def test_with_on_executing_handle(make, impl):
     with pytest.raises(ProtocolError):
         with h1:
             pass
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_held_cancels_are_forgotten_in_arrival_order(make, impl):
+    """Held cancels are a FIFO of operations, not of uuids: a uuid held a second time (after its
+    first operation was joined, removed and forgotten) is the newest entry. Found in review: the
+    reference kept the uuid's first position and merged the two entries."""
+    s = make(impl, removed_memory=2)
+    w, t = s.worker, s.transfer
+    u1, u2, u3 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    w.cancel_slot("r")
+    assert t.schedule("r", u1).wait(0) is CANCEL
+    assert t.schedule("r", u2).wait(0) is CANCEL
+    w.create_slot("r")
+    w.enqueue("r", u1, LOAD)
+    w.remove_slot("r")
+    for k in range(2):  # push u1 out of the removed-uuid memory (2 entries)
+        w.create_slot(f"x{k}")
+        w.enqueue(f"x{k}", uuid.uuid4(), LOAD)
+        w.cancel_slot(f"x{k}")
+        w.remove_slot(f"x{k}")
+    w.cancel_slot("r")
+    assert t.schedule("r", u1).wait(0) is CANCEL  # held again: the newest entry
+    assert t.schedule("r", u3).wait(0) is CANCEL  # evicts u2, not u1
+    w.create_slot("r")
+    w.enqueue("r", u1, LOAD)
+    st = w.slot_status("r")
+    assert (st.expected, st.cancelled) == (1, 1)
+    assert w.is_complete("r")
+
+
+class BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_with_body_exception_whose_str_fails(make, impl):
+    """The operation still fails (with the exception's type named) and the body's exception
+    still propagates. Found in review: the core skipped the mark, the reference raised the
+    RuntimeError from __str__ instead of the body's exception."""
+    s = make(impl)
+    w, t = s.worker, s.transfer
+    w.create_slot("r")
+    u = uuid.uuid4()
+    w.enqueue("r", u, LOAD)
+    h = t.schedule("r", u)
+    assert h.wait(1) is EXECUTE
+    with pytest.raises(BadStr):
+        with h:
+            raise BadStr()
+    st = w.slot_status("r")
+    assert st.failed == 1 and "BadStr" in st.errors[0][1]
+
+
+def test_close_never_fails_a_handle_schedule_is_returning():
+    """close() from another thread while schedule() calls decide EXECUTE inside the call: a
+    handle returned by schedule() is never already failed as dropped (close() holds the GIL, so
+    it cannot land between the decision and the handle object). Found in review."""
+    import threading
+    for _ in range(20):
+        s = kvsched.Scheduler(max_inflight=1 << 20)
+        w, t = s.worker, s.transfer
+        w.create_slot("r")
+        bad, stop = [], threading.Event()
+
+        def leader(k):
+            try:
+                while not stop.is_set():
+                    u = uuid.uuid4()
+                    w.enqueue("r", u, LOAD)
+                    h = t.schedule("r", u)
+                    if h.outcome == "failed":
+                        bad.append(h)
+            except kvsched.errors.SchedulerClosedError:
+                pass
+
+        threads = [threading.Thread(target=leader, args=(k,)) for k in range(3)]
+        for th in threads:
+            th.start()
+        import time
+        time.sleep(0.005)
+        s.close()
+        stop.set()
+        for th in threads:
+            th.join(5)
+        assert not bad, [repr(h) for h in bad]

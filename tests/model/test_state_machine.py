@@ -70,9 +70,9 @@ UUIDS = [fresh_uuid(i, 0) for i in range(POOL)]
 NAMES = ["a", "b", "c"]
 # stats() counters (tests/spec/spec_helpers.py). Each side must leave all of them unchanged when
 # a call raises (S8); across sides only CROSS is compared: "scheduled" and "cancelled" differ by
-# design (the core counts a transfer half decided CANCEL at once, for a cancelled rid or a removed
-# slot, in "late_cancelled" and not as a scheduled half or an operation end; the reference counts
-# it in both). The per-slot counters, which are the contract, are compared exactly.
+# design for a late transfer half of a removed slot (the core counts it only in "late_cancelled":
+# it is no operation of any slot; the reference counts it in both). A held cancel (a transfer
+# half for a cancelled rid) is an operation and both count it as scheduled and cancelled. The per-slot counters, which are the contract, are compared exactly.
 COUNTERS = ("scheduled", "enqueued", "executed", "completed", "failed", "cancelled", "dropped",
             "timed_out", "inflight", "peak_inflight", "max_inflight", "removed_memory_size")
 CROSS = tuple(k for k in COUNTERS if k not in ("scheduled", "cancelled"))
