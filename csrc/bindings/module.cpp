@@ -391,9 +391,15 @@ bool set_core_error() noexcept {
   try {
     throw;
   } catch (const Error& e) {
-    auto& errors = refs().errors;
-    auto it = errors.find(static_cast<int>(e.code()));
-    PyErr_SetString(it != errors.end() ? it->second.ptr() : PyExc_RuntimeError, e.what());
+    PyObject* cls = PyExc_RuntimeError;
+    try {
+      auto& errors = refs().errors;  // first use imports kvsched.errors, which could fail
+      auto it = errors.find(static_cast<int>(e.code()));
+      if (it != errors.end()) cls = it->second.ptr();
+    } catch (...) {
+      PyErr_Clear();
+    }
+    PyErr_SetString(cls, e.what());
     return true;
   } catch (...) {
     return false;
