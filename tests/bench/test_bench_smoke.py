@@ -49,3 +49,17 @@ def test_quick_json_and_plot(tmp_path):
     assert {"total", "first_iteration_loads", "later_loads", "last_stores"} <= set(e["unhidden_s"])
     assert e["failed_ops"] == 0
     assert png.stat().st_size > 10_000  # a rendered figure, not an empty file
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    """--backend cuda where no device works: one line naming the reason, exit status 2, no
+    traceback."""
+    from kvsched.transfer.cudart import cuda_available
+
+    if cuda_available()[0]:
+        pytest.skip("a CUDA device is usable here")
+    proc = subprocess.run([sys.executable, "-m", "kvsched.bench", "--backend", "cuda", "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "no usable CUDA device" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

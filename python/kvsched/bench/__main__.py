@@ -111,7 +111,13 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
-    result = run(args, console)
+    from ..transfer.errors import CudaError
+
+    try:
+        result = run(args, console)
+    except CudaError as exc:  # e.g. --backend cuda on a machine without a usable GPU
+        console.print(f"kvsched-bench: {exc}", style="red", markup=False)
+        return 2
     from .report import print_report, write_json, write_plot
 
     print_report(result, console)
