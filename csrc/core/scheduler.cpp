@@ -816,7 +816,7 @@ std::vector<std::pair<std::string, double>> Scheduler::stats() const {
     // order: relaxed — statistics are a best-effort snapshot.
     return static_cast<double>(c.load(std::memory_order_relaxed));
   };
-  size_t slots = 0, pending = 0, removed = 0, finished = 0;
+  size_t slots = 0, pending = 0, held = 0, removed = 0, finished = 0;
   {
     std::shared_lock<SharedMutex> lock(slots_mu_);
     slots = slots_.size();
@@ -824,6 +824,7 @@ std::vector<std::pair<std::string, double>> Scheduler::stats() const {
   {
     std::lock_guard<Mutex> lock(rid_mu_);
     for (auto& kv : pending_by_rid_) pending += kv.second.size();
+    held = held_cancels_.size();
   }
   {
     std::lock_guard<Mutex> lock(const_cast<Mutex&>(removed_mu_));
@@ -857,6 +858,7 @@ std::vector<std::pair<std::string, double>> Scheduler::stats() const {
       {"ready_queued", static_cast<double>(ready_.queued())},
       {"gated", static_cast<double>(gate_.size())},
       {"pending_transfer_halves", static_cast<double>(pending)},
+      {"held_cancels", static_cast<double>(held)},
       {"removed_memory_size", static_cast<double>(removed)},
       {"poll_backlog", static_cast<double>(poll_queue_.size())},
       {"finished_backlog", static_cast<double>(finished)},

@@ -274,6 +274,8 @@ def test_held_cancels_are_bounded(make, impl):
     us = [uuid.uuid4() for _ in range(3)]
     for u in us:
         assert t.schedule("r", u).wait(0) is CANCEL
+    if impl == "core":
+        assert s.stats()["held_cancels"] == 2
     w.create_slot("r")
     for u in us:
         w.enqueue("r", u, LOAD)
