@@ -4,7 +4,7 @@
 // core values, mapping core::Error to the exception classes of kvsched/errors.py, releasing the
 // GIL around blocking waits, and the user-facing Handle object with drop detection.
 //
-// GIL rules: every core call below is made with the GIL held except wait/poll/close, which
+// GIL rules: every core call below is made with the GIL held except wait/poll, which
 // release it. The core never calls into Python, so no core lock is ever held while a thread
 // waits for the GIL.
 #include <pybind11/pybind11.h>
@@ -685,7 +685,8 @@ PYBIND11_MODULE(_core, m) {
              // holds it, so close() cannot land between the core deciding an op inside
              // schedule() and the Handle object (its view) being created, where close() would
              // see an undelivered EXECUTE op nobody holds and fail it as dropped. Safe: the core
-             // never waits for Python, so no thread it joins or wakes needs the GIL to finish.
+             // never waits for Python, so no thread it joins or wakes needs the GIL to finish;
+             // its one wait (joining the deadline thread, woken first) is short (SPEC S9).
              s.sched.close();
            })
       .def_property_readonly("closed", [](CoreState& s) { return s.sched.closed(); });

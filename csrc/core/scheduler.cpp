@@ -24,6 +24,20 @@ std::string who(const std::string& rid, const Uuid* uuid) {
 
 const char* mode_name(Mode m) { return m == Mode::kScheduled ? "SCHEDULED" : "IMMEDIATE"; }
 
+// S1: the second half of an operation must name the request id and mode its first half named.
+// `first` and `second` name the sides ("worker", "transfer") for the message.
+void check_halves_agree(const Op& op, const std::string& rid, const Uuid& uuid, Mode mode,
+                        const char* first, const char* second) {
+  if (op.rid != rid)
+    fail(ErrorCode::kProtocol, rid, &uuid,
+         std::string("halves disagree on the request id (") + first + " half says '" + op.rid +
+             "')");
+  if (op.mode != mode)
+    fail(ErrorCode::kProtocol, rid, &uuid,
+         std::string("halves disagree on the mode (") + first + " half is " + mode_name(op.mode) +
+             ", " + second + " half " + mode_name(mode) + ")");
+}
+
 void bump(Atomic<uint64_t>& c) {
   // order: relaxed — statistic only; never read to make a decision.
   c.fetch_add(1, std::memory_order_relaxed);
@@ -165,13 +179,7 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
       if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
         fail(ErrorCode::kDuplicate, rid, &uuid,
              "worker half already enqueued (for request '" + op->rid + "')");
-      if (op->rid != rid)
-        fail(ErrorCode::kProtocol, rid, &uuid,
-             "halves disagree on the request id (transfer half says '" + op->rid + "')");
-      if (op->mode != mode)
-        fail(ErrorCode::kProtocol, rid, &uuid,
-             std::string("halves disagree on the mode (transfer half is ") + mode_name(op->mode) +
-                 ", worker half " + mode_name(mode) + ")");
+      check_halves_agree(*op, rid, uuid, mode, "transfer", "worker");
     } else {
       if (is_removed_uuid(uuid))
         fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
@@ -402,13 +410,7 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
       if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
         fail(ErrorCode::kDuplicate, rid, &uuid,
              "transfer half already scheduled (for request '" + op->rid + "')");
-      if (op->rid != rid)
-        fail(ErrorCode::kProtocol, rid, &uuid,
-             "halves disagree on the request id (worker half says '" + op->rid + "')");
-      if (op->mode != mode)
-        fail(ErrorCode::kProtocol, rid, &uuid,
-             std::string("halves disagree on the mode (worker half is ") + mode_name(op->mode) +
-                 ", transfer half " + mode_name(mode) + ")");
+      check_halves_agree(*op, rid, uuid, mode, "worker", "transfer");
       // order: relaxed — claims publish nothing; the fields are published by the release in
       // the kTransferPublished fetch_or.
       op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);

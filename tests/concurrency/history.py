@@ -22,32 +22,28 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
-import os
-import pathlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-STRESS = os.environ.get("KVSCHED_STRESS", "ci").lower()
+from figures import STRESS, write_report  # noqa: F401 (re-exported to the tests)
+
 SCALE = 10 if STRESS == "long" else 1
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 E, C = "EXECUTE", "CANCEL"
 
 
-def write_report(name: str, figures: dict) -> None:
-    """Print the figures of a run; with KVSCHED_REPORT set also write them as JSON
-    (``KVSCHED_REPORT=1``: build/test-reports/; any other value: that folder)."""
-    data = {"stress": STRESS, **figures}
-    print(f"\n[kvsched figures] {name}: {json.dumps(data, sort_keys=True, default=str)}")
-    target = os.environ.get("KVSCHED_REPORT")
-    if target:
-        d = REPO / "build" / "test-reports" if target.lower() in ("1", "true", "yes", "on") \
-            else pathlib.Path(target)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+def guarded(barrier, failures, fn, *args):
+    """A thread body: wait at ``barrier`` (so every thread starts together), run ``fn(*args)``,
+    and record any exception in ``failures`` as (thread name, repr) for the main thread."""
+    def run():
+        try:
+            barrier.wait(10)
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failures.append((threading.current_thread().name, repr(e)))
+    return run
 
 
 # ------------------------------------------------------------------------------- recording

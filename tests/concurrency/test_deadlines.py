@@ -25,7 +25,7 @@ import pytest
 import kvsched
 from kvsched import Decision, IterationComplete, TransferKind
 from kvsched.reference import ReferenceScheduler
-from history import SCALE, STRESS, write_report
+from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(60 if STRESS != "long" else 600)
 
@@ -50,13 +50,7 @@ def test_deadlines_expire_mid_flight(impl):
     stop = threading.Event()
 
     def guard(fn):
-        def run():
-            try:
-                barrier.wait(10)
-                fn()
-            except BaseException as e:  # noqa: BLE001
-                failures.append((threading.current_thread().name, repr(e)))
-        return run
+        return guarded(barrier, failures, fn)
 
     def holder():
         u = uuid.uuid4()

@@ -23,7 +23,7 @@ import pytest
 import kvsched
 from kvsched import Decision, TransferKind
 from kvsched.reference import ReferenceScheduler
-from history import SCALE, STRESS, write_report
+from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(60 if STRESS != "long" else 600)
 IMPLS = {"core": kvsched.Scheduler, "reference": ReferenceScheduler}
@@ -34,13 +34,7 @@ def _run(threads, target, watcher):
     failures, stop = [], threading.Event()
 
     def guard(fn, *a):
-        def run():
-            try:
-                barrier.wait(10)
-                fn(*a)
-            except BaseException as e:  # noqa: BLE001
-                failures.append((threading.current_thread().name, repr(e)))
-        return run
+        return guarded(barrier, failures, fn, *a)
 
     ths = [threading.Thread(daemon=True, target=guard(target, k), name=f"R{k}") for k in threads]
     wt = threading.Thread(daemon=True, target=guard(watcher, stop), name="watch")

@@ -26,7 +26,7 @@ import kvsched
 from kvsched import Decision, RequestMode, TransferKind
 from kvsched.errors import KvschedError
 from kvsched.reference import ReferenceScheduler
-from history import SCALE, STRESS, write_report
+from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(90 if STRESS != "long" else 900)
 
@@ -119,13 +119,7 @@ def test_host_engine_faults_under_threads(impl):
             time.sleep(0.0005)
 
     def guard(fn):
-        def run():
-            try:
-                barrier.wait(10)
-                fn()
-            except BaseException as e:  # noqa: BLE001
-                failures.append((threading.current_thread().name, repr(e)))
-        return run
+        return guarded(barrier, failures, fn)
 
     ths = [threading.Thread(daemon=True, target=guard(lambda k=k: request_thread(k)), name=f"R{k}")
            for k in range(n_threads)]

@@ -1,40 +1,16 @@
 """Helpers of the differential model test (imported as a plain module: pytest puts tests/model on
 sys.path). Only public API is used.
 
-Figures (examples, steps, bad inputs tried...) are collected in ``FIGURES`` while the tests run;
-``write_report`` prints them and, when the environment variable ``KVSCHED_REPORT`` is set, writes
-them as JSON (``KVSCHED_REPORT=1``: under ``build/test-reports/``; any other value: that folder).
+Figures (examples, steps, bad inputs tried...) are collected in ``FIGURES`` while the tests run
+and written by ``write_report`` (tests/figures.py).
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import os
-import pathlib
 import re
 
-STRESS = os.environ.get("KVSCHED_STRESS", "ci").lower()
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def report_dir() -> pathlib.Path | None:
-    target = os.environ.get("KVSCHED_REPORT")
-    if not target:
-        return None
-    if target.lower() in ("1", "true", "yes", "on"):
-        return REPO / "build" / "test-reports"
-    return pathlib.Path(target)
-
-
-def write_report(name: str, figures: dict) -> None:
-    data = {"stress": STRESS, **figures}
-    print(f"\n[kvsched figures] {name}: {json.dumps(data, sort_keys=True, default=str)}")
-    d = report_dir()
-    if d is not None:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-
+from figures import STRESS, write_report  # noqa: F401 (re-exported to the tests)
 
 FIGURES: dict = {"examples": 0, "steps": 0, "calls_compared": 0, "ok_calls": 0,
                  "errors_compared": 0,

@@ -34,7 +34,6 @@ engine does after start-up. The GIL switch interval is left at Python's default 
 
 from __future__ import annotations
 
-import gc
 import os
 import queue
 import threading
@@ -50,6 +49,7 @@ from ..pool import BlockPool
 from ..protocol import Decision, LayerComplete, TransferKind
 from ..scheduler import Scheduler
 from ..transfer import TransferEngine
+from ._heap import frozen_heap
 
 
 @dataclass
@@ -291,16 +291,10 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any
             planner = _Planner(sched, plans)
             if cores:
                 cores.for_forward_thread()
-            # What the setup allocated goes to the permanent generation, as a serving engine
-            # freezes its heap after start-up: else a full collection that happens to run on a
-            # copy thread holds the GIL for tens of ms (measured: one 29 ms gen-2 pass stalled
-            # a layer by 26 ms), a pause of the runtime, not of transfers or scheduling.
-            gc.collect()
-            gc.freeze()
             try:
-                out = _forward(cfg, compute, transfer, sched, ex, planner, loads)
+                with frozen_heap():
+                    out = _forward(cfg, compute, transfer, sched, ex, planner, loads)
             finally:
-                gc.unfreeze()
                 planner.stop()
                 ex.stop()
     finally:

@@ -7,17 +7,16 @@ remove_slot amortised over 4 operations per request, as in csrc/bench/core_bench
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 from .. import _core
 from ..protocol import LayerComplete, TransferKind
 from ..reference import ReferenceScheduler
 from ..scheduler import Scheduler
+from ._heap import frozen_heap
 
 PER_SLOT = 4
 
@@ -57,19 +56,6 @@ def _lifecycle_batched(sched: Scheduler, uuids: list[uuid.UUID], prefix: str) ->
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Collects, then freezes the heap the setup made (the uuid lists) for the timed part, as
-    the engine simulation does: otherwise a full collection that walks every setup object lands
-    in whichever path happens to be running, and the Python paths' figures swing by 2x."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def ops_per_second(ops: int, rounds: int = 3) -> dict[str, float]:
     """Core alone, Python API (per call, batched) and reference model, same run.
 
@@ -89,15 +75,15 @@ def ops_per_second(ops: int, rounds: int = 3) -> dict[str, float]:
         core_ops, core_s = _core._bench_core(max(ops * 10, 100_000))
         keep("core_ops_per_s", core_ops / core_s)
         uuids = [uuid.uuid4() for _ in range(ops)]
-        with Scheduler(max_inflight=64) as s, _frozen_heap():
+        with Scheduler(max_inflight=64) as s, frozen_heap():
             keep("python_ops_per_s", ops / _lifecycle(s, uuids, f"p{r}-"))
         uuids = [uuid.uuid4() for _ in range(ops)]
-        with Scheduler(max_inflight=64) as s, _frozen_heap():
+        with Scheduler(max_inflight=64) as s, frozen_heap():
             keep("python_batch_ops_per_s", ops / _lifecycle_batched(s, uuids, f"b{r}-"))
         uuids = [uuid.uuid4() for _ in range(ref_ops)]
         ref = ReferenceScheduler(max_inflight=64)
         try:
-            with _frozen_heap():
+            with frozen_heap():
                 keep("reference_ops_per_s", ref_ops / _lifecycle(ref, uuids, f"r{r}-"))
         finally:
             ref.close()
