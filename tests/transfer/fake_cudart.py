@@ -7,6 +7,10 @@ returns ``(err,)``), checks argument types strictly, and moves bytes with ``ctyp
 reports ``cudaErrorNotReady`` for ``not_ready_polls`` queries after each record, so the reaper's
 polling path runs. Errors can be injected per function with :meth:`FakeRuntime.fail`.
 
+:class:`FakeDriver` stands in for ``cuda.bindings.driver`` where the backend needs the driver
+itself: its ``cuMemcpyBatchAsync`` is a real C function pointer (a ctypes callback) that reads the
+C arrays it is given, so the ctypes call path runs for real.
+
 It cannot model the GPU-side ordering of streams; that is what ``test_cuda_backend.py`` checks
 on a real GPU.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import sys
 import itertools
 import threading
 from collections import Counter
@@ -133,6 +138,7 @@ class FakeRuntime:
         self.batches: list[int] = []  # copies per cudaMemcpyBatchAsync call
         self.trace: list[tuple[str, int]] = []  # ("wait" | "copy" | "record", stream) in call order
         self._failures: dict[str, list[cudaError_t]] = {}
+        self.bound_threads: set[int] = set()  # threads whose CUDA context is current (cudaFree(0))
 
     # --------------------------------------------------------------------------- test controls
 
@@ -197,6 +203,9 @@ class FakeRuntime:
 
     def cudaFree(self, ptr):
         self.calls["cudaFree"] += 1
+        if int(ptr) == 0:  # the idiom that makes the device's primary context current
+            self.bound_threads.add(threading.get_ident())
+            return (_OK,)
         self._device_of.pop(int(ptr), None)
         self._buffers.pop(int(ptr), None)
         return (_OK,)
@@ -352,3 +361,86 @@ class FakeRuntime:
             self.batches.append(count)
             self.trace.append(("copy", int(stream)))
         return (err,)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+class CUresult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_INVALID_CONTEXT = 201
+    CUDA_ERROR_ILLEGAL_ADDRESS = 700
+    CUDA_ERROR_NOT_SUPPORTED = 801
+
+
+class CUdriverProcAddress_flags(enum.IntEnum):
+    CU_GET_PROC_ADDRESS_DEFAULT = 0
+    CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1
+    CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM = 2
+
+
+class FakeDriver:
+    """``cuGetProcAddress`` hands out a C-callable ``cuMemcpyBatchAsync`` (CUDA 12.8 prototype)
+    that copies between the fake runtime's buffers. It refuses calls from threads without a
+    current context (``CUDA_ERROR_INVALID_CONTEXT``, as the driver API does) and records what it
+    was given. A problem seen inside the callback is kept in ``errors`` (an exception cannot cross
+    the C boundary) and returned as ``CUDA_ERROR_INVALID_VALUE``."""
+
+    CUresult = CUresult
+    CUdriverProcAddress_flags = CUdriverProcAddress_flags
+
+    def __init__(self, runtime: FakeRuntime, *, has_batch: bool = True) -> None:
+        from kvsched.transfer.driver_batch import BATCH_PROTOTYPE
+
+        self.rt = runtime
+        self.has_batch = has_batch
+        self.batches: list[int] = []  # copies per call
+        self.errors: list[str] = []
+        self.fail_at: list[tuple[CUresult, int]] = []  # (error, index) for the next calls
+        self.lookups: list[tuple[bytes, int, int]] = []
+        self._function = BATCH_PROTOTYPE(self._batch)  # kept alive as long as the driver
+
+    def drop_context(self) -> None:
+        """Every thread loses its current context (as after another library switched it)."""
+        self.rt.bound_threads.clear()
+
+    def cuGetProcAddress(self, symbol, cuda_version, flags):
+        self.lookups.append((symbol, int(cuda_version), int(flags)))
+        if not isinstance(symbol, bytes):
+            raise TypeError("expected bytes")  # as cuda-bindings does
+        if symbol != b"cuMemcpyBatchAsync" or not self.has_batch:
+            return (CUresult.CUDA_SUCCESS, 0, 1)  # CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND
+        return (CUresult.CUDA_SUCCESS, ctypes.cast(self._function, ctypes.c_void_p).value, 0)
+
+    def cuGetErrorName(self, code):
+        return (CUresult.CUDA_SUCCESS, CUresult(int(code)).name.encode())
+
+    def cuGetErrorString(self, code):
+        return (CUresult.CUDA_SUCCESS, b"fake driver error")
+
+    def _batch(self, dsts, srcs, sizes, count, attrs, attr_idxs, num_attrs, fail_idx, stream):
+        try:
+            if threading.get_ident() not in self.rt.bound_threads:
+                return int(CUresult.CUDA_ERROR_INVALID_CONTEXT)
+            assert num_attrs == 1 and attr_idxs[0] == 0, "one attribute set for all copies"
+            assert attrs[0].srcAccessOrder == 1, "sources must be read in stream order"
+            assert stream in self.rt.streams and stream not in self.rt.destroyed_streams, "bad stream"
+            assert count > 0 and dsts and srcs and sizes
+            d = (ctypes.c_uint64 * count).from_address(dsts)
+            s = (ctypes.c_uint64 * count).from_address(srcs)
+            n = (ctypes.c_size_t * count).from_address(sizes)
+            if self.fail_at:
+                error, index = self.fail_at.pop(0)
+                fail_idx[0] = index
+                return int(error)
+            for i in range(count):
+                ctypes.memmove(d[i], s[i], n[i])
+                self.rt.copies.append((d[i], s[i], n[i]))
+            self.batches.append(count)
+            self.rt.trace.append(("copy", int(stream)))
+            return 0
+        except Exception as exc:  # noqa: BLE001 - reported through errors
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            print(f"FakeDriver: {exc}", file=sys.stderr)
+            return int(CUresult.CUDA_ERROR_INVALID_VALUE)

@@ -218,7 +218,7 @@ def compute(gpu):
 # ----------------------------------------------------------------------------- copies
 
 
-@pytest.mark.parametrize("batch", ["auto", False])
+@pytest.mark.parametrize("batch", ["driver", "bindings", False])
 @pytest.mark.parametrize("block_bytes", [4096, 256 * 1024])
 def test_gpu_round_trip_scattered_blocks(engine, batch, block_bytes):
     rng = np.random.default_rng(0)
@@ -246,6 +246,39 @@ def test_gpu_batched_copies_available(engine):
     eng = engine()
     stats = eng.stats()
     assert eng.batched, f"cudaMemcpyBatchAsync unusable: {stats['batch_reason']}"
+    assert stats["batch_mode"] == "driver", f"C-array batches unusable: {stats['batch_reason']}"
+
+
+@pytest.mark.parametrize("batch", ["driver", "bindings"])
+def test_gpu_batches_from_threads_that_never_touched_cuda(engine, batch):
+    """A submitting thread with no CUDA context yet (the driver API needs one current), several
+    batch calls per job, and many threads at once on one engine."""
+    rng = np.random.default_rng(2)
+    eng = engine(batch=batch)
+    n, size, threads = 2048, 4096, 4
+    host = pinned_empty((1, n, size))
+    host[:] = rng.integers(0, 256, host.shape, dtype=np.uint8)
+    dev_buf = DeviceBuffer((1, n, size))
+    hp, dev = BlockPool.from_array(host), BlockPool.from_array(dev_buf)
+    slices = np.array_split(rng.permutation(n), threads)  # disjoint destinations per thread
+    outcomes = []
+
+    def run(ids):
+        h = FakeHandle(request_id="thread")
+        pairs = np.stack([ids, ids], axis=1)
+        try:
+            job = eng.submit(h, hp, dev, pairs)
+            outcomes.append((job.wait(30), h.completed, h.error_text))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcomes.append((False, False, repr(exc)))
+
+    workers = [threading.Thread(target=run, args=(ids,)) for ids in slices]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert outcomes and all(done and ok for done, ok, _ in outcomes), outcomes
+    np.testing.assert_array_equal(_read_device(dev_buf), host)
 
 
 def test_gpu_pageable_host_pool_is_pinned_and_exact(engine):

@@ -160,6 +160,7 @@ def test_events_are_waited_on_the_copy_stream_before_copying(cuda_engine, fake, 
     _, dev = _device_pool(fake, 1, 8, 32)
     compute_ev = types.SimpleNamespace(cuda_event=0xABC0)  # like a recorded torch.cuda.Event
     h = make_handle()
+    fake.trace.clear()  # the batch self-test's copies
     store = eng.submit(h, dev, BlockPool.from_array(host), [[1, 1]], compute_event=compute_ev)
     d2h = eng.stream("d2h")
     assert (d2h, 0xABC0) in fake.waits

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                                 total_bytes=(16 if quick else 64) << 20,
                                 repeats=2 if quick else 3, progress=lambda m: say(f"transfers: {m}"))
         summary = transfer_summary(tr, block_bytes=65536)
-        result["transfer"] = {**summary, "rows": tr["rows"], "batched": tr.get("batched")}
+        result["transfer"] = {**summary, "rows": tr["rows"], "batched": tr.get("batched"),
+                              "batch_mode": tr.get("batch_mode")}
 
     cfg = EngineConfig(layers=args.layers, iterations=args.iterations or (4 if quick else 24),
                        requests=args.requests, block_bytes=args.block_kib * 1024,

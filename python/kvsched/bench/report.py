@@ -37,15 +37,23 @@ def print_report(result: dict[str, Any], console: Console) -> None:
 
     tr = result["transfer"]
     # Short headers, each on two lines, so the table fits an 80-column terminal untruncated.
-    t = Table(title=f"transfers ({result['backend']} backend): scattered blocks, GB/s")
+    mode = tr.get("batch_mode")
+    t = Table(title=f"transfers ({result['backend']} backend{f', batches: {mode}' if mode else ''}): "
+                    "scattered blocks, GB/s")
+    # With the cuda backend's C-array batches, the same engine batching through cuda-bindings'
+    # Python lists is measured too ("lists").
+    lists = any("bindings_gbps" in row for row in tr.get("rows", []))
     for col in ("dir", "block", "blocks", "peak\n(1 copy)", "kvsched", "per-block\nloop",
-                "kvsched\n/ peak", "kvsched\n/ loop"):
+                "kvsched\n/ peak", "kvsched\n/ loop") + (("lists",) if lists else ()):
         t.add_column(col, justify="right")
     for row in tr.get("rows", []):
-        t.add_row(row["direction"], _size(row["block_bytes"]), str(row["blocks"]),
-                  f"{row['peak_gbps']:.2f}", f"{row['kvsched_gbps']:.2f}",
-                  f"{row['per_block_gbps']:.2f}", f"{row['kvsched_gbps'] / row['peak_gbps']:.2f}",
-                  f"{row['kvsched_gbps'] / row['per_block_gbps']:.2f}")
+        cells = [row["direction"], _size(row["block_bytes"]), str(row["blocks"]),
+                 f"{row['peak_gbps']:.2f}", f"{row['kvsched_gbps']:.2f}",
+                 f"{row['per_block_gbps']:.2f}", f"{row['kvsched_gbps'] / row['peak_gbps']:.2f}",
+                 f"{row['kvsched_gbps'] / row['per_block_gbps']:.2f}"]
+        if lists:
+            cells.append(f"{row['bindings_gbps']:.2f}" if "bindings_gbps" in row else "-")
+        t.add_row(*cells)
     console.print(t)
 
     for key in ("engine", "engine_sleep", "engine_spin"):
@@ -116,8 +124,10 @@ def write_plot(result: dict[str, Any], path: str) -> None:
         xs = [r["block_bytes"] / 1024 for r in rs]
         for key, style, label in (("peak_gbps", "--", "contiguous peak"),
                                   ("kvsched_gbps", "-o", "kvsched"),
+                                  ("bindings_gbps", "-.+", "kvsched, batches as Python lists"),
                                   ("per_block_gbps", ":x", "one copy per block")):
-            ax1.plot(xs, [r[key] for r in rs], style, label=f"{direction}: {label}")
+            if all(key in r for r in rs):
+                ax1.plot(xs, [r[key] for r in rs], style, label=f"{direction}: {label}")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("block size (KiB)")
     ax1.set_ylabel("GB/s")

@@ -72,10 +72,10 @@ def run_transfer_bench(
     engine = TransferEngine(None, backend=backend, **engine_options)
     try:
         if engine.backend == "host":
-            bench = _HostBench(engine, repeats, seed)
+            bench: Any = _HostBench(engine, repeats, seed)
             dirs = ["h2h"]
         else:
-            bench = _CudaBench(engine, repeats, seed)
+            bench = _CudaBench(engine, repeats, seed, _bindings_engine(engine, engine_options))
             dirs = list(directions or ("h2d", "d2h", "both"))
         rows = []
         for size in block_sizes:
@@ -87,6 +87,7 @@ def run_transfer_bench(
             "backend": engine.backend,
             "device": bench.device_name(),
             "batched": engine.batched,
+            "batch_mode": engine.stats().get("batch_mode", "host"),
             "engine": engine.stats(),
             "repeats": repeats,
             "rows": rows,
@@ -95,6 +96,19 @@ def run_transfer_bench(
         return result
     finally:
         engine.close(timeout=60)
+
+
+def _bindings_engine(engine: Any, options: dict[str, Any]) -> Any:
+    """A second cuda engine batching through cuda-bindings' list API, measured side by side with
+    the main one when that uses the driver's C-array path; None otherwise."""
+    from kvsched.transfer.engine import TransferEngine
+
+    if engine.stats().get("batch_mode") != "driver" or "batch" in options:
+        return None
+    try:
+        return TransferEngine(None, backend="cuda", **{**options, "batch": "bindings"})
+    except Exception:  # noqa: BLE001 - the comparison is optional
+        return None
 
 
 def transfer_summary(result: dict[str, Any], block_bytes: int | None = None, direction: str | None = None) -> dict[str, Any]:
@@ -117,17 +131,24 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'dir':<5} {'block':>7} {'blocks':>6} {'peak GB/s':>10} {'kvsched':>9} {'per-block':>10} "
         f"{'ours/peak':>9} {'ours/loop':>9} {'copies':>7} {'submit us':>10}"
     )
+    lists = any("bindings_gbps" in r for r in result["rows"])
+    if lists:
+        head += f" {'lists GB/s':>10}"
     lines = [
-        f"transfer bench: backend={result['backend']} device={result['device']} batched={result['batched']}",
+        f"transfer bench: backend={result['backend']} device={result['device']} "
+        f"batch={result.get('batch_mode', result['batched'])}",
         head,
         "-" * len(head),
     ]
     for r in result["rows"]:
-        lines.append(
+        line = (
             f"{r['direction']:<5} {_fmt_bytes(r['block_bytes']):>7} {r['blocks']:>6} {r['peak_gbps']:>10.2f} "
             f"{r['kvsched_gbps']:>9.2f} {r['per_block_gbps']:>10.2f} {r['kvsched_vs_peak']:>9.2f} "
             f"{r['kvsched_vs_per_block']:>9.2f} {r['copies']:>7} {r['submit_us']:>10.1f}"
         )
+        if lists:
+            line += f" {r.get('bindings_gbps', float('nan')):>10.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -235,11 +256,12 @@ class _HostBench:
 
 
 class _CudaBench:
-    def __init__(self, engine: Any, repeats: int, seed: int) -> None:
-        from kvsched.transfer.cudart import check, load_runtime
+    def __init__(self, engine: Any, repeats: int, seed: int, bindings_engine: Any = None) -> None:
+        from kvsched.transfer.cudart import check
 
         self.engine, self.repeats, self.rng = engine, max(1, repeats), np.random.default_rng(seed)
-        self.rt, self.check = load_runtime(), check
+        self.bindings_engine = bindings_engine
+        self.rt, self.check = engine._cuda._rt, check  # the engine's runtime (a stand-in in tests)
         rt = self.rt
         self.kind = rt.cudaMemcpyKind.cudaMemcpyDefault
         self.streams = [check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags") for _ in range(2)]
@@ -257,6 +279,8 @@ class _CudaBench:
     def release(self) -> None:
         for s in self.streams:
             self.rt.cudaStreamDestroy(s)
+        if self.bindings_engine is not None:
+            self.bindings_engine.close(timeout=60)
 
     def _sync(self, stream: Any) -> None:
         self.check(self.rt, self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -266,11 +290,11 @@ class _CudaBench:
 
         rt, check = self.rt, self.check
         n = 2 * blocks
-        host_a = pinned_empty((1, n, size))
+        host_a = pinned_empty((1, n, size), runtime=rt)
         host_a[:] = self.rng.integers(0, 256, host_a.shape, dtype=np.uint8)
-        host_b = pinned_empty((1, n, size))
+        host_b = pinned_empty((1, n, size), runtime=rt)
         host_b[:] = 0
-        dev_a, dev_b = DeviceBuffer((1, n, size)), DeviceBuffer((1, n, size))
+        dev_a, dev_b = DeviceBuffer((1, n, size), runtime=rt), DeviceBuffer((1, n, size), runtime=rt)
         pools = {
             "h2d": (BlockPool.from_array(host_a), BlockPool.from_array(dev_a)),
             "d2h": (BlockPool.from_array(dev_b), BlockPool.from_array(host_b)),
@@ -311,7 +335,7 @@ class _CudaBench:
 
         submit_times, reap_times, copies = [], [], 0
 
-        def ours() -> float:
+        def through(engine: Any, main: bool) -> float:
             nonlocal copies
             handles, jobs = [], []
             t0 = time.perf_counter()
@@ -319,24 +343,30 @@ class _CudaBench:
                 h = _BenchHandle()
                 src, dst = pools[leg]
                 ts = time.perf_counter()
-                jobs.append(self.engine.submit(h, src, dst, pairs))
-                submit_times.append(time.perf_counter() - ts)
+                jobs.append(engine.submit(h, src, dst, pairs))
+                if main:
+                    submit_times.append(time.perf_counter() - ts)
                 handles.append(h)
             for leg in legs:
-                self._sync(rt.cudaStream_t(self.engine.stream(leg)))
+                self._sync(rt.cudaStream_t(engine.stream(leg)))
             elapsed = time.perf_counter() - t0
             drained = time.perf_counter()
             for job, h in zip(jobs, handles):
                 job.wait()
                 if h.error is not None:
                     raise RuntimeError(f"bench transfer failed: {h.error}")
-            reap_times.append(max(job.finished_at for job in jobs) - drained)
-            copies = sum(job.num_copies for job in jobs)
+            if main:
+                reap_times.append(max(job.finished_at for job in jobs) - drained)
+                copies = sum(job.num_copies for job in jobs)
             return elapsed
 
-        best = _best_of(self.repeats, peak=peak, ours=ours, loop=loop)
+        methods: dict[str, Callable[[], float]] = {"peak": peak, "ours": lambda: through(self.engine, True),
+                                                   "loop": loop}
+        if self.bindings_engine is not None:
+            methods["bindings"] = lambda: through(self.bindings_engine, False)
+        best = _best_of(self.repeats, **methods)
         if "h2d" in legs:
-            back = pinned_empty((1, n, size))
+            back = pinned_empty((1, n, size), runtime=rt)
             check(rt, rt.cudaMemcpy(int(back.ctypes.data), dev_a.ptr, n * size, self.kind), "cudaMemcpy")
             if not np.array_equal(back[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
                 raise RuntimeError("bench H2D copy is not byte-exact")
@@ -344,10 +374,14 @@ class _CudaBench:
             if not np.array_equal(host_b[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
                 raise RuntimeError("bench D2H copy is not byte-exact")
         nbytes_all = nbytes * len(legs)
+        extra = {}
+        if "bindings" in best:  # the same engine batching through cuda-bindings' Python lists
+            extra = {"bindings_gbps": nbytes_all / 1e9 / best["bindings"],
+                     "kvsched_vs_bindings": best["bindings"] / best["ours"]}
         row = _row(
             direction, size, blocks, best["peak"], best["ours"], best["loop"], nbytes_all,
             copies=copies, submit_us=statistics.median(submit_times) * 1e6,
-            reap_us=statistics.median(reap_times) * 1e6 if reap_times else 0.0,
+            reap_us=statistics.median(reap_times) * 1e6 if reap_times else 0.0, **extra,
         )
         dev_a.free()
         dev_b.free()

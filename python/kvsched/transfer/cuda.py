@@ -15,13 +15,17 @@ Design (SPEC section 4):
   :class:`TransferQueueFullError` at once and launches nothing: the caller keeps the handle and
   retries later (a job larger than the whole budget is admitted when its stream is idle).
 * **Coalescing and batching.** Runs of consecutive blocks are one copy per (layer, piece)
-  (:mod:`kvsched.transfer.plan`). Many copies go to the driver in one ``cudaMemcpyBatchAsync``
-  call (CUDA >= 12.8; chunks of ``batch_chunk``) when a self-test at start-up passed; else one
-  ``cudaMemcpyAsync`` per copy. Batched copies use ``cudaMemcpySrcAccessOrderStream`` so a source
-  is read in stream order, after the events the stream waited on. Measured on an H200 (driver
-  580, cuda-bindings 13.3): the batched call costs about 0.7-1.7 us per copy on the host, the
-  loop about 2.6 us, so scattered 4-16 KiB blocks stay launch-bound (a few GB/s against a 54 GB/s
-  peak); larger runs (a block layout that keeps a request's blocks adjacent) are what fix that.
+  (:mod:`kvsched.transfer.plan`). Many copies go to the driver in one batched call (CUDA >= 12.8)
+  when a self-test at start-up passed, tried in this order (:attr:`CudaBackend.batch_mode`):
+  ``"driver"``: ``cuMemcpyBatchAsync`` called through ctypes with the plan's numpy arrays as its
+  C arrays (:mod:`kvsched.transfer.driver_batch`; no Python object per copy); ``"bindings"``:
+  cuda-bindings' ``cudaMemcpyBatchAsync``, which converts three Python lists (300-430 ns per copy
+  on the submitting thread); ``"loop"``: one ``cudaMemcpyAsync`` per copy. A job's copies go out
+  in chunks that start small and double up to ``batch_chunk``, so the copy engine starts on the
+  first blocks while the driver still queues the rest. Batched copies read their sources in
+  stream order (``SrcAccessOrderStream``), after the events the stream waited on. Measured on an
+  H200 with the "bindings" mode (driver 580, cuda-bindings 13.3): 0.7-1.7 us per copy on the
+  host against about 2.6 us for the loop, so scattered 4-16 KiB blocks were launch-bound.
 * **GPU-side ordering.** ``compute_event`` (a store must not read a block before the compute
   stream wrote it) and ``wait_event`` (a load must not overwrite a reused block before the compute
   stream's last read of it) are waited on by the copy stream with ``cudaStreamWaitEvent``; the
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -53,6 +56,7 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError
 from kvsched.pool import BlockPool
+from kvsched.transfer.driver_batch import DriverBatchCopier, is_invalid_context
 from kvsched.transfer.cudart import (
     DeviceBuffer,
     HostRegistration,
@@ -104,6 +108,7 @@ class CudaBackend:
         poll_interval: tuple[float, float] = (20e-6, 500e-6),
         fault_hook: Callable[[TransferJob], None] | None = None,
         runtime: Any = None,
+        driver: Any = None,
     ) -> None:
         rt = runtime if runtime is not None else load_runtime()
         ok, reason = cuda_available(rt)
@@ -142,7 +147,10 @@ class CudaBackend:
         self.runtime_version = _version(rt, "cudaRuntimeGetVersion")
         self.driver_version = _version(rt, "cudaDriverGetVersion")
         self._batch_attrs: list[Any] = []
-        self.batch_enabled, self.batch_reason = self._setup_batch(batch)
+        self._copier: DriverBatchCopier | None = None
+        self._bound_threads = threading.local()  # threads whose CUDA context is known current
+        self.batch_mode, self.batch_reason = self._setup_batch(batch, driver, injected=runtime is not None)
+        self.batch_enabled = self.batch_mode != "loop"
         self._reaper = threading.Thread(target=self._reap, name="kvsched-cuda-reaper", daemon=True)
         self._reaper.start()
 
@@ -173,7 +181,8 @@ class CudaBackend:
         srcs, dsts, sizes = plan.segments()
         count = int(srcs.size)
         batched = self.batch_enabled and count > 1
-        ops = len(waits) + (math.ceil(count / self.batch_chunk) if batched else count) + 1
+        chunks = _chunk_bounds(count, self.batch_chunk) if batched else []
+        ops = len(waits) + (len(chunks) if batched else count) + 1
 
         with self._cond:
             if self._closing:
@@ -206,7 +215,7 @@ class CudaBackend:
                         for ev in waits:
                             check(rt, rt.cudaStreamWaitEvent(stream, ev, 0), "cudaStreamWaitEvent")
                         if batched:
-                            self._launch_batched(dsts, srcs, sizes, stream)
+                            self._launch_batched(dsts, srcs, sizes, stream, chunks)
                         else:
                             self._launch_loop(dsts, srcs, sizes, stream)
                     except Exception as exc:  # noqa: BLE001 - becomes the job's failure
@@ -288,12 +297,53 @@ class CudaBackend:
             if int(res[0]) != 0:
                 check(rt, res, "cudaMemcpyAsync")
 
-    def _launch_batched(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any) -> None:
-        rt, chunk, attrs = self._rt, self.batch_chunk, self._batch_attrs
-        for start in range(0, int(dsts.size), chunk):
-            d = dsts[start : start + chunk].tolist()
-            s = srcs[start : start + chunk].tolist()
-            n = sizes[start : start + chunk].tolist()
+    def _launch_batched(
+        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any,
+        chunks: list[tuple[int, int]] | None = None,
+    ) -> None:
+        if chunks is None:
+            chunks = _chunk_bounds(int(dsts.size), self.batch_chunk)
+        if self.batch_mode == "driver":
+            self._launch_driver(dsts, srcs, sizes, stream, chunks)
+        else:
+            self._launch_bindings(dsts, srcs, sizes, stream, chunks)
+
+    def _launch_driver(
+        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any, chunks: list[tuple[int, int]]
+    ) -> None:
+        copier = self._copier
+        assert copier is not None
+        # The driver reads the arrays in place: 64-bit, contiguous (a no-op for the plan's arrays).
+        dsts, srcs, sizes = (np.ascontiguousarray(a, dtype=np.int64) for a in (dsts, srcs, sizes))
+        handle = int(stream)
+        if not getattr(self._bound_threads, "bound", False):
+            self._bind_context()
+        for start, stop in chunks:
+            rc, fail = copier(dsts[start:stop], srcs[start:stop], sizes[start:stop], handle)
+            if rc != 0 and is_invalid_context(rc):
+                # Nothing was queued: the driver checks its context first. Bind and try once more.
+                self._bind_context()
+                rc, fail = copier(dsts[start:stop], srcs[start:stop], sizes[start:stop], handle)
+            if rc != 0:
+                text = copier.error_name(rc)
+                raise CudaError(
+                    f"cuMemcpyBatchAsync failed (copy {start + fail}): {text}", code=rc, name=text.split(" ", 1)[0]
+                )
+
+    def _bind_context(self) -> None:
+        """Make this device's primary context current on the calling thread (the driver API, unlike
+        the runtime, does not do it implicitly). Called inside ``_on_device``."""
+        check(self._rt, self._rt.cudaFree(0), "cudaFree(0) (binding the CUDA context)")
+        self._bound_threads.bound = True
+
+    def _launch_bindings(
+        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any, chunks: list[tuple[int, int]]
+    ) -> None:
+        rt, attrs = self._rt, self._batch_attrs
+        for start, stop in chunks:
+            d = dsts[start:stop].tolist()
+            s = srcs[start:stop].tolist()
+            n = sizes[start:stop].tolist()
             # CUDA 12.8/12.9 bindings return (err, failIdx); CUDA 13 dropped failIdx: (err,).
             res = rt.cudaMemcpyBatchAsync(d, s, n, len(d), attrs, [0], 1, stream)
             if int(res[0]) != 0:
@@ -450,54 +500,101 @@ class CudaBackend:
                 log.info("kvsched: page-locked %d bytes of a host pool for cuda:%d", size, self.device)
         pool._cache[key] = True
 
-    def _setup_batch(self, batch: bool | str) -> tuple[bool, str]:
+    def _setup_batch(self, batch: bool | str, driver: Any, *, injected: bool) -> tuple[str, str]:
+        """Pick the batch mode: "driver", else "bindings", else "loop" (see the module docstring).
+        Each batched mode must pass a self-test on this device before it is used."""
         if batch is False or batch == "off":
-            return False, "disabled (batch=False)"
-        if batch not in (True, "auto", "on"):
-            raise InvalidArgumentError(f"batch must be 'auto', True or False, got {batch!r}")
+            return "loop", "disabled (batch=False)"
+        if batch not in (True, "auto", "on", "driver", "bindings"):
+            raise InvalidArgumentError(
+                f"batch must be 'auto', True, False, 'driver' or 'bindings', got {batch!r}")
+        rt = self._rt
+        if min(self.runtime_version, self.driver_version) < 12080:
+            reasons = [f"CUDA {self.runtime_version} runtime / {self.driver_version} driver "
+                       "(batched copies need 12.8)"]
+        else:
+            reasons = []
+            for mode, prepare in (("driver", lambda: self._prepare_driver(driver, injected)),
+                                  ("bindings", self._prepare_bindings)):
+                if batch in ("driver", "bindings") and batch != mode:
+                    continue
+                try:
+                    prepare()
+                except Exception as exc:  # noqa: BLE001 - the next mode is tried
+                    reasons.append(f"{mode}: {type(exc).__name__}: {exc}")
+                    continue
+                self.batch_mode = mode
+                try:
+                    self._batch_self_test()
+                except Exception as exc:  # noqa: BLE001
+                    reasons.append(f"{mode}: self-test failed: {type(exc).__name__}: {exc}")
+                    continue
+                what = "cuMemcpyBatchAsync from C arrays" if mode == "driver" else "cudaMemcpyBatchAsync"
+                why = f" (not {'; not '.join(reasons)})" if reasons else ""
+                return mode, f"{what}, self-test passed{why}"
+        self.batch_mode = "loop"
+        reason = "; ".join(reasons)
+        if batch != "auto":
+            raise CudaError(f"batch={batch!r} but batched copies are unusable: {reason}")
+        log.info("kvsched: cuda backend copies one cudaMemcpyAsync per run: %s", reason)
+        return "loop", reason
+
+    def _prepare_driver(self, driver: Any, injected: bool) -> None:
+        if driver is None:
+            if injected:  # a stand-in runtime with the real driver would mix two worlds
+                raise CudaError("no driver module given with the injected runtime")
+            from cuda.bindings import driver  # cuda-python >= 12.6
+        self._copier = DriverBatchCopier(driver)
+
+    def _prepare_bindings(self) -> None:
         rt = self._rt
         if getattr(rt, "cudaMemcpyBatchAsync", None) is None or getattr(rt, "cudaMemcpyAttributes", None) is None:
-            reason = "cuda-bindings has no cudaMemcpyBatchAsync (needs cuda-bindings >= 12.8)"
-        elif min(self.runtime_version, self.driver_version) < 12080:
-            reason = f"CUDA {self.runtime_version} runtime / {self.driver_version} driver (batched copies need 12.8)"
-        else:
-            attrs = rt.cudaMemcpyAttributes()
-            attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
-            self._batch_attrs = [attrs]
-            try:
-                self._batch_self_test()
-                return True, "cudaMemcpyBatchAsync (self-test passed)"
-            except Exception as exc:  # noqa: BLE001
-                reason = f"cudaMemcpyBatchAsync self-test failed: {type(exc).__name__}: {exc}"
-        if batch in (True, "on"):
-            raise CudaError(f"batch=True but batched copies are unusable: {reason}")
-        log.info("kvsched: cuda backend copies one cudaMemcpyAsync per run: %s", reason)
-        return False, reason
+            raise CudaError("cuda-bindings has no cudaMemcpyBatchAsync (needs cuda-bindings >= 12.8)")
+        attrs = rt.cudaMemcpyAttributes()
+        attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        self._batch_attrs = [attrs]
 
     def _batch_self_test(self) -> None:
-        """Copy a known pattern host -> device with two batched copies and read it back."""
-        rt, n = self._rt, 256
+        """Scatter a known pattern host -> device -> host with batched copies (several batch calls
+        per direction, pieces in shuffled order) and compare what came back."""
+        rt, piece, count = self._rt, 16, 3 * _FIRST_CHUNK  # 96 copies: two calls per direction
+        n = piece * count
         host = pinned_empty(2 * n, runtime=rt)
-        host[:n] = np.arange(n, dtype=np.uint8)
+        host[:n] = np.arange(n, dtype=np.uint64).astype(np.uint8) ^ 0x5A
         host[n:] = 0
         dev = DeviceBuffer(n, device=self.device, runtime=rt)
+        order = np.random.default_rng(0).permutation(count).astype(np.int64) * piece
+        sizes = np.full(count, piece, dtype=np.int64)
         try:
             hp = int(host.ctypes.data)
-            stream = self._streams["h2d"]
             with self._on_device():
-                half = n // 2
-                self._launch_batched(
-                    np.array([dev.ptr, dev.ptr + half], dtype=np.int64),
-                    np.array([hp, hp + half], dtype=np.int64),
-                    np.array([half, half], dtype=np.int64),
-                    stream,
-                )
-                check(rt, rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-                check(rt, rt.cudaMemcpy(hp + n, dev.ptr, n, self._memcpy_default), "cudaMemcpy")
+                for kind, dsts, srcs in (("h2d", dev.ptr + order, hp + order),
+                                         ("d2h", hp + n + order[::-1], dev.ptr + order[::-1])):
+                    stream = self._streams[kind]
+                    self._launch_batched(np.ascontiguousarray(dsts), np.ascontiguousarray(srcs), sizes, stream,
+                                         _chunk_bounds(count, self.batch_chunk))
+                    check(rt, rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             if not np.array_equal(host[:n], host[n:]):
                 raise CudaError("data read back differs from data written")
         finally:
             dev.free()
+
+
+_FIRST_CHUNK = 32  # copies in a job's first batch call: the copy engine starts after this many
+
+
+def _chunk_bounds(count: int, limit: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each batch call for ``count`` copies: 32, 64, 128, ... up to ``limit``.
+
+    The driver puts a batch on the stream when the call returns, so one call for a whole job would
+    leave the copy engine idle while the host queues every copy; a small first call starts it at
+    once, and doubling keeps the number of calls logarithmic until ``limit``."""
+    bounds, start, size = [], 0, min(_FIRST_CHUNK, limit)
+    while start < count:
+        stop = min(count, start + size)
+        bounds.append((start, stop))
+        start, size = stop, min(size * 2, limit)
+    return bounds
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -38,7 +38,8 @@ log = logging.getLogger("kvsched")
 _EXECUTE = Decision.EXECUTE
 
 _HOST_OPTIONS = ("workers", "split_bytes", "event_timeout")
-_CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime")
+_CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime",
+                 "driver")
 
 
 class TransferEngine:
@@ -56,9 +57,12 @@ class TransferEngine:
     * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
       by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
     * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
-      stream, default 512), ``batch`` ("auto"/True/False: ``cudaMemcpyBatchAsync``),
-      ``batch_chunk``, ``auto_pin`` (page-lock host pools on first use), ``poll_interval``
-      ((min, max) seconds between reaper polls), ``runtime`` (a cuda-bindings runtime module).
+      stream, default 512), ``batch`` ("auto"/True/False, or "driver"/"bindings" to require one
+      way of batching; see :mod:`kvsched.transfer.cuda`),
+      ``batch_chunk`` (most copies per batch call), ``auto_pin`` (page-lock host pools on first
+      use), ``poll_interval`` ((min, max) seconds between reaper polls), ``runtime`` and
+      ``driver`` (cuda-bindings' runtime and driver modules, or stand-ins for tests; with an
+      injected ``runtime`` the driver-level batch path is used only if ``driver`` is given too).
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class TransferEngine:
         out["backend"] = self.backend
         if self._cuda is not None:
             out["batched"] = self._cuda.batch_enabled
+            out["batch_mode"] = self._cuda.batch_mode
             out["batch_reason"] = self._cuda.batch_reason
         return out
 

@@ -1,0 +1,132 @@
+"""Batched copies handed to the CUDA driver as C arrays: ``cuMemcpyBatchAsync`` through ctypes.
+
+Why not cuda-bindings' ``cudaMemcpyBatchAsync``: it takes Python lists and converts every element
+to a C integer on the submitting thread, 300-430 ns per copy (``bench/batch_args_cost.py``), a
+quarter of the copy engine's time for a 64 KiB block and several times it for a 4 KiB block. Here
+the destinations, sources and sizes stay in the numpy arrays the planner built, and the driver
+reads them in place: the Python cost is one foreign call per batch, whatever its length.
+
+The function pointer comes from the driver itself (``cuGetProcAddress``, through cuda-bindings'
+driver module) at the CUDA 12.8 ABI: ``cuMemcpyBatchAsync`` has the ``failIdx`` argument there;
+CUDA 13 headers map the name to ``cuMemcpyBatchAsync_v2`` without it. Asking for the 12.8
+version gets the same prototype from every driver that has batched copies (12.8 and later), so
+the prototype below cannot disagree with the function it calls. The struct and prototype follow
+``cuda.h`` / ``cudaTypedefs.h`` (``PFN_cuMemcpyBatchAsync_v12080``, ``CUmemcpyAttributes_v1``).
+
+ctypes releases the GIL for the duration of the call, so other Python threads run while the
+driver queues the copies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from kvsched.transfer.errors import CudaError
+
+__all__ = ["DriverBatchCopier", "CUmemLocation", "CUmemcpyAttributes", "BATCH_PROTOTYPE", "ABI_VERSION"]
+
+ABI_VERSION = 12080  # the CUDA version whose cuMemcpyBatchAsync prototype is declared below
+_CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1  # the legacy-stream entry point, not the per-thread one
+_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+class CUmemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class CUmemcpyAttributes(ctypes.Structure):
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", CUmemLocation),
+        ("dstLocHint", CUmemLocation),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+# CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
+#     CUmemcpyAttributes *attrs, size_t *attrsIdxs, size_t numAttrs, size_t *failIdx, CUstream hStream)
+# (CUDAAPI is the default calling convention on Linux; CFUNCTYPE releases the GIL during the call.)
+BATCH_PROTOTYPE = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.POINTER(CUmemcpyAttributes),
+    ctypes.POINTER(ctypes.c_size_t),
+    ctypes.c_size_t,
+    ctypes.POINTER(ctypes.c_size_t),
+    ctypes.c_void_p,
+)
+
+
+class DriverBatchCopier:
+    """Calls the driver's ``cuMemcpyBatchAsync`` with the buffers of uint64 numpy arrays.
+
+    ``driver`` is cuda-bindings' driver module (``cuda.bindings.driver``) or a stand-in with the
+    same ``cuGetProcAddress`` and ``cuGetErrorName``. Raises :class:`CudaError` when the driver has
+    no batched copies. Every copy in a batch reads its source in stream order
+    (``CU_MEMCPY_SRC_ACCESS_ORDER_STREAM``), after the events its stream waited on.
+    """
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+        flags = getattr(getattr(driver, "CUdriverProcAddress_flags", None), "CU_GET_PROC_ADDRESS_LEGACY_STREAM",
+                        _CU_GET_PROC_ADDRESS_LEGACY_STREAM)
+        res = driver.cuGetProcAddress(b"cuMemcpyBatchAsync", ABI_VERSION, flags)
+        res = res if isinstance(res, tuple) else (res,)
+        if int(res[0]) != 0:
+            raise CudaError(f"cuGetProcAddress(cuMemcpyBatchAsync) failed: {self.error_name(int(res[0]))}",
+                            code=int(res[0]))
+        address = int(res[1]) if len(res) > 1 and res[1] is not None else 0
+        if address == 0:
+            status = f" (symbol status {res[2]})" if len(res) > 2 else ""
+            raise CudaError(f"the driver has no cuMemcpyBatchAsync at the CUDA {ABI_VERSION} ABI{status}")
+        self._fn = BATCH_PROTOTYPE(address)
+        # One attribute set for every copy. Read by the driver during the call only, never written:
+        # shared by concurrent callers safely.
+        self._attrs = CUmemcpyAttributes(srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
+        self._attr_index = (ctypes.c_size_t * 1)(0)
+
+    def __call__(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> tuple[int, int]:
+        """Queue ``len(dsts)`` copies on ``stream``; returns ``(CUresult, failed index)``.
+
+        The three arrays must be C-contiguous uint64 (the caller's plan arrays; int64 views work)
+        of one length, and stay alive during the call (the driver copies what it needs before
+        returning)."""
+        count = int(dsts.shape[0])
+        if not (srcs.shape[0] == sizes.shape[0] == count):
+            raise ValueError("dsts, srcs and sizes must have one length")
+        for arr in (dsts, srcs, sizes):
+            if arr.dtype.itemsize != 8 or arr.dtype.kind not in "iu" or not arr.flags.c_contiguous:
+                raise ValueError("batch arrays must be C-contiguous 64-bit integers")
+        fail = ctypes.c_size_t(0)
+        rc = self._fn(
+            dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, count,
+            ctypes.byref(self._attrs), self._attr_index, 1, ctypes.byref(fail), stream,
+        )
+        return int(rc), int(fail.value)
+
+    def error_name(self, code: int) -> str:
+        """``"CUDA_ERROR_X (description)"`` for a ``CUresult``."""
+        drv = self._driver
+        name, desc = f"CUresult {code}", ""
+        try:
+            err, text = drv.cuGetErrorName(drv.CUresult(code))[:2]
+            if int(err) == 0 and text:
+                name = text.decode() if isinstance(text, bytes) else str(text)
+            err, text = drv.cuGetErrorString(drv.CUresult(code))[:2]
+            if int(err) == 0 and text:
+                desc = text.decode() if isinstance(text, bytes) else str(text)
+        except Exception:  # noqa: BLE001 - naming an error must never raise
+            pass
+        return f"{name} ({desc})" if desc else name
+
+
+def is_invalid_context(code: int) -> bool:
+    """True for CUDA_ERROR_INVALID_CONTEXT: the calling thread has no current CUDA context yet."""
+    return code == _CUDA_ERROR_INVALID_CONTEXT
