@@ -9,6 +9,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from fake_cudart import CUresult, FakeDriver, FakeRuntime
 from kvsched.pool import BlockPool
 from kvsched.transfer.cuda import _chunk_bounds
 from kvsched.transfer.cudart import DeviceBuffer, pinned_empty
-from kvsched.transfer.driver_batch import ABI_VERSION, CUmemcpyAttributes, DriverBatchCopier
+from kvsched.transfer.driver_batch import ABI_VERSION, CUmemcpyAttributes, DriverBatchCopier, c_array
 from kvsched.transfer.engine import TransferEngine
 from kvsched.transfer.errors import CudaError
 
@@ -72,26 +73,32 @@ def test_chunk_bounds_cover_every_copy_once_and_double_up_to_the_limit(count, li
 def test_copier_passes_c_arrays_and_reports_the_failed_copy(fake, driver):
     copier = DriverBatchCopier(driver)
     assert driver.lookups == [(b"cuMemcpyBatchAsync", ABI_VERSION, 1)]  # 12.8 ABI, legacy stream
-    fake.bound_threads.add(__import__("threading").get_ident())
+    fake.bound_threads.add(threading.get_ident())
     stream = int(fake.cudaStreamCreateWithFlags(1)[1])
     src = np.arange(4096, dtype=np.uint8)
-    dst = np.zeros_like(src)
     order = np.random.default_rng(3).permutation(64).astype(np.int64) * 64
-    srcs = int(src.ctypes.data) + order
-    dsts = int(dst.ctypes.data) + order[::-1].copy()
-    sizes = np.full(64, 64, dtype=np.int64)
-    assert copier(dsts, srcs, sizes, stream) == (0, 0)
-    for k in range(64):
-        assert np.array_equal(dst[order[::-1][k] : order[::-1][k] + 64], src[order[k] : order[k] + 64])
+    for kind in ("numpy", "list"):
+        dst = np.zeros_like(src)
+        srcs = int(src.ctypes.data) + order
+        dsts = int(dst.ctypes.data) + order[::-1]
+        sizes = np.full(64, 64, dtype=np.int64)
+        if kind == "list":
+            srcs, dsts, sizes = srcs.tolist(), dsts.tolist(), sizes.tolist()
+        (d, dk), (s, sk), (n, nk) = c_array(dsts), c_array(srcs), c_array(sizes)
+        assert copier(d, s, n, 64, stream) == (0, 0)
+        for k in range(64):
+            assert np.array_equal(dst[order[::-1][k] : order[::-1][k] + 64], src[order[k] : order[k] + 64])
+        assert copier(d + 8 * 60, s + 8 * 60, n + 8 * 60, 4, stream) == (0, 0)  # a chunk: the last 4
+        assert driver.batches[-2:] == [64, 4]
     driver.fail_at.append((CUresult.CUDA_ERROR_ILLEGAL_ADDRESS, 17))
-    assert copier(dsts, srcs, sizes, stream) == (700, 17)
+    assert copier(d, s, n, 64, stream) == (700, 17)
     assert copier.error_name(700).startswith("CUDA_ERROR_ILLEGAL_ADDRESS")
-    with pytest.raises(ValueError, match="one length"):
-        copier(dsts[:3], srcs, sizes, stream)
-    with pytest.raises(ValueError, match="contiguous"):
-        copier(dsts[::2], srcs[::2], sizes[::2], stream)
-    with pytest.raises(ValueError, match="64-bit"):
-        copier(dsts.astype(np.int32), srcs.astype(np.int32), sizes.astype(np.int32), stream)
+    with pytest.raises(ValueError, match="1-D integer"):
+        c_array(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="1-D integer"):
+        c_array(np.zeros(4, dtype=np.float64))
+    addr, keep = c_array(np.arange(8, dtype=np.int64)[::2])  # strided: copied to contiguous
+    assert list((ctypes.c_int64 * 4).from_address(addr)) == [0, 2, 4, 6]
 
 
 def test_driver_without_batched_copies_is_refused(fake):
@@ -162,7 +169,7 @@ def test_a_thread_without_a_current_context_binds_it_and_retries(engine, fake, d
         h = make_handle()
         results.append((h, eng.submit(h, BlockPool.from_array(host), dev, [[0, 0], [2, 2]])))
 
-    t = __import__("threading").Thread(target=submit_from_new_thread)
+    t = threading.Thread(target=submit_from_new_thread)
     t.start()
     t.join(10)
     h, job = results[0]

@@ -22,7 +22,10 @@ def _outcome(fn, *args):
         p = fn(*args)
     except Exception as exc:  # noqa: BLE001 - compared below
         return ("error", type(exc), str(exc))
+    lists = [list(x) for x in fn(*args).segment_lists()]  # a fresh plan: nothing made yet
     segs = p.segments()
+    assert lists == [s.tolist() for s in segs], "segment_lists() differs from segments()"
+    assert [list(x) for x in p.segment_lists()] == lists
     return (
         "ok",
         p.layers.tolist(),
@@ -83,6 +86,28 @@ def test_fast_path_matches_general_path(pools):
                         assert fast == slow, (s_name, d_name, pairs, layers)
                         checked += 1
     assert checked > 1000
+
+
+def test_segment_lists_match_segments_on_large_plans():
+    """Plans past the small path (numpy-built) give the same copies as lists as as arrays."""
+    rng = np.random.default_rng(11)
+    a, b = np.zeros((2, 300, 16), np.float32), np.zeros((2, 300, 16), np.float32)
+    kv = np.zeros((2, 2, 300, 16), np.float32)
+    pools = {"a": BlockPool.from_array(a), "b": BlockPool.from_array(b),
+             "kv": BlockPool.from_array(kv, block_dim=2), "kv2": BlockPool.from_array(kv.copy(), block_dim=2),
+             "strided": BlockPool.from_pointers([b.ctypes.data, b.ctypes.data + 8], 150, 64, 128, owner=b)}
+    for s_name, d_name in [("a", "b"), ("kv", "kv2"), ("strided", "a"), ("a", "strided")]:
+        src, dst = pools[s_name], pools[d_name]
+        n = min(src.num_blocks, dst.num_blocks)
+        assert n > plan_mod._SMALL
+        for form in ("scattered", "runs"):
+            if form == "runs":
+                pairs = np.stack([np.arange(n), np.arange(n)], 1)
+            else:
+                pairs = np.stack([rng.permutation(src.num_blocks)[:n], rng.permutation(dst.num_blocks)[:n]], 1)
+            for layers in (None, [1, 0]) if src.num_layers == dst.num_layers else ([0],):
+                plan = plan_mod._general_plan(src, dst, pairs, layers)
+                assert [list(x) for x in plan.segment_lists()] == [x.tolist() for x in plan.segments()]
 
 
 @pytest.mark.parametrize(

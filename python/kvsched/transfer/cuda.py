@@ -56,7 +56,7 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError
 from kvsched.pool import BlockPool
-from kvsched.transfer.driver_batch import DriverBatchCopier, is_invalid_context
+from kvsched.transfer.driver_batch import DriverBatchCopier, c_array, is_invalid_context
 from kvsched.transfer.cudart import (
     DeviceBuffer,
     HostRegistration,
@@ -178,8 +178,9 @@ class CudaBackend:
         waits = [rt.cudaEvent_t(as_event_handle(e)) for e in _as_list(compute_event) + _as_list(wait_event)]
         self._prepare(plan.src)
         self._prepare(plan.dst)
-        srcs, dsts, sizes = plan.segments()
-        count = int(srcs.size)
+        # Python lists for small jobs (cheaper than a dozen numpy calls), numpy arrays for large.
+        srcs, dsts, sizes = plan.segment_lists() if plan.num_copies <= _LIST_SEGMENTS else plan.segments()
+        count = len(srcs)
         batched = self.batch_enabled and count > 1
         chunks = _chunk_bounds(count, self.batch_chunk) if batched else []
         ops = len(waits) + (len(chunks) if batched else count) + 1
@@ -289,46 +290,47 @@ class CudaBackend:
 
     # ------------------------------------------------------------------------------ launching
 
-    def _launch_loop(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any) -> None:
+    def _launch_loop(self, dsts: Any, srcs: Any, sizes: Any, stream: Any) -> None:
         rt, kind = self._rt, self._memcpy_default
         memcpy = rt.cudaMemcpyAsync
-        for d, s, n in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
+        for d, s, n in zip(_ints(dsts), _ints(srcs), _ints(sizes)):
             res = memcpy(d, s, n, kind, stream)
             if int(res[0]) != 0:
                 check(rt, res, "cudaMemcpyAsync")
 
     def _launch_batched(
-        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any,
-        chunks: list[tuple[int, int]] | None = None,
+        self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]] | None = None
     ) -> None:
+        """Queue the copies ``srcs[i] -> dsts[i]`` of ``sizes[i]`` bytes (lists of ints or integer
+        numpy arrays) on ``stream`` in batch calls bounded by ``chunks``."""
         if chunks is None:
-            chunks = _chunk_bounds(int(dsts.size), self.batch_chunk)
+            chunks = _chunk_bounds(len(dsts), self.batch_chunk)
         if self.batch_mode == "driver":
             self._launch_driver(dsts, srcs, sizes, stream, chunks)
         else:
             self._launch_bindings(dsts, srcs, sizes, stream, chunks)
 
-    def _launch_driver(
-        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any, chunks: list[tuple[int, int]]
-    ) -> None:
+    def _launch_driver(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
         copier = self._copier
         assert copier is not None
-        # The driver reads the arrays in place: 64-bit, contiguous (a no-op for the plan's arrays).
-        dsts, srcs, sizes = (np.ascontiguousarray(a, dtype=np.int64) for a in (dsts, srcs, sizes))
+        # Three C arrays for the whole job; each batch call gets addresses into them.
+        (d0, d_keep), (s0, s_keep), (n0, n_keep) = c_array(dsts), c_array(srcs), c_array(sizes)
         handle = int(stream)
         if not getattr(self._bound_threads, "bound", False):
             self._bind_context()
         for start, stop in chunks:
-            rc, fail = copier(dsts[start:stop], srcs[start:stop], sizes[start:stop], handle)
+            at = start * 8
+            rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle)
             if rc != 0 and is_invalid_context(rc):
                 # Nothing was queued: the driver checks its context first. Bind and try once more.
                 self._bind_context()
-                rc, fail = copier(dsts[start:stop], srcs[start:stop], sizes[start:stop], handle)
+                rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle)
             if rc != 0:
                 text = copier.error_name(rc)
                 raise CudaError(
                     f"cuMemcpyBatchAsync failed (copy {start + fail}): {text}", code=rc, name=text.split(" ", 1)[0]
                 )
+        del d_keep, s_keep, n_keep  # alive until here: the driver read them during the calls
 
     def _bind_context(self) -> None:
         """Make this device's primary context current on the calling thread (the driver API, unlike
@@ -336,14 +338,11 @@ class CudaBackend:
         check(self._rt, self._rt.cudaFree(0), "cudaFree(0) (binding the CUDA context)")
         self._bound_threads.bound = True
 
-    def _launch_bindings(
-        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: Any, chunks: list[tuple[int, int]]
-    ) -> None:
+    def _launch_bindings(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
         rt, attrs = self._rt, self._batch_attrs
+        dsts, srcs, sizes = _ints(dsts), _ints(srcs), _ints(sizes)
         for start, stop in chunks:
-            d = dsts[start:stop].tolist()
-            s = srcs[start:stop].tolist()
-            n = sizes[start:stop].tolist()
+            d, s, n = dsts[start:stop], srcs[start:stop], sizes[start:stop]
             # CUDA 12.8/12.9 bindings return (err, failIdx); CUDA 13 dropped failIdx: (err,).
             res = rt.cudaMemcpyBatchAsync(d, s, n, len(d), attrs, [0], 1, stream)
             if int(res[0]) != 0:
@@ -578,6 +577,15 @@ class CudaBackend:
                 raise CudaError("data read back differs from data written")
         finally:
             dev.free()
+
+
+# Jobs of at most this many copies get their addresses as Python lists (CopyPlan.segment_lists).
+_LIST_SEGMENTS = 256
+
+
+def _ints(values: Any) -> list[int]:
+    """Python ints of a list (as is) or of a numpy array (cuda-bindings' calls take ints)."""
+    return values.tolist() if isinstance(values, np.ndarray) else values
 
 
 _FIRST_CHUNK = 32  # copies in a job's first batch call: the copy engine starts after this many

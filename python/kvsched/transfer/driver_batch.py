@@ -19,6 +19,7 @@ driver queues the copies.
 
 from __future__ import annotations
 
+import array
 import ctypes
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from kvsched.transfer.errors import CudaError
 
-__all__ = ["DriverBatchCopier", "CUmemLocation", "CUmemcpyAttributes", "BATCH_PROTOTYPE", "ABI_VERSION"]
+__all__ = ["DriverBatchCopier", "c_array", "CUmemLocation", "CUmemcpyAttributes", "BATCH_PROTOTYPE", "ABI_VERSION"]
 
 ABI_VERSION = 12080  # the CUDA version whose cuMemcpyBatchAsync prototype is declared below
 _CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1  # the legacy-stream entry point, not the per-thread one
@@ -92,23 +93,14 @@ class DriverBatchCopier:
         self._attrs = CUmemcpyAttributes(srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
         self._attr_index = (ctypes.c_size_t * 1)(0)
 
-    def __call__(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> tuple[int, int]:
-        """Queue ``len(dsts)`` copies on ``stream``; returns ``(CUresult, failed index)``.
+    def __call__(self, dsts: int, srcs: int, sizes: int, count: int, stream: int) -> tuple[int, int]:
+        """Queue ``count`` copies on ``stream``; returns ``(CUresult, index of the failed copy)``.
 
-        The three arrays must be C-contiguous uint64 (the caller's plan arrays; int64 views work)
-        of one length, and stay alive during the call (the driver copies what it needs before
-        returning)."""
-        count = int(dsts.shape[0])
-        if not (srcs.shape[0] == sizes.shape[0] == count):
-            raise ValueError("dsts, srcs and sizes must have one length")
-        for arr in (dsts, srcs, sizes):
-            if arr.dtype.itemsize != 8 or arr.dtype.kind not in "iu" or not arr.flags.c_contiguous:
-                raise ValueError("batch arrays must be C-contiguous 64-bit integers")
+        ``dsts``, ``srcs`` and ``sizes`` are addresses of C arrays of ``count`` 64-bit integers
+        (see :func:`c_array`), alive during the call: the driver has read them when it returns."""
         fail = ctypes.c_size_t(0)
-        rc = self._fn(
-            dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, count,
-            ctypes.byref(self._attrs), self._attr_index, 1, ctypes.byref(fail), stream,
-        )
+        rc = self._fn(dsts, srcs, sizes, count, ctypes.byref(self._attrs), self._attr_index, 1,
+                      ctypes.byref(fail), stream)
         return int(rc), int(fail.value)
 
     def error_name(self, code: int) -> str:
@@ -125,6 +117,20 @@ class DriverBatchCopier:
         except Exception:  # noqa: BLE001 - naming an error must never raise
             pass
         return f"{name} ({desc})" if desc else name
+
+
+def c_array(values: Any) -> tuple[int, Any]:
+    """``(address, owner)`` of a C array of 64-bit integers holding ``values`` (a list of ints or
+    an integer numpy array); keep ``owner`` alive while the address is used. A contiguous int64
+    or uint64 array is used in place; a list becomes an ``array.array`` (cheaper than numpy for
+    the few dozen entries of a typical job)."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise ValueError("a C array of copies needs a 1-D integer array")
+        arr = np.ascontiguousarray(values, dtype=np.uint64 if values.dtype.kind == "u" else np.int64)
+        return int(arr.ctypes.data), arr
+    arr = array.array("q", values)
+    return arr.buffer_info()[0], arr
 
 
 def is_invalid_context(code: int) -> bool:
