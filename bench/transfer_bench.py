@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--directions", default="h2d,d2h,both", help="cuda: any of h2d,d2h,both")
-    p.add_argument("--batch", default="auto", choices=["auto", "on", "off"], help="cuda: cudaMemcpyBatchAsync")
+    p.add_argument("--batch", default="auto", choices=["auto", "on", "off", "driver", "bindings"],
+                   help="cuda: batched copies (auto: C arrays to the driver where it works, measured "
+                        "beside cuda-bindings' list API; off: one cudaMemcpyAsync per copy)")
     p.add_argument("--workers", type=int, default=None, help="host backend worker threads")
     p.add_argument("--quick", action="store_true", help="4K,64K,2M and 16 MiB per measurement")
     p.add_argument("--json", metavar="FILE", help="write the result dict as JSON")
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         sizes, total = [4096, 65536, 2 * 1024 * 1024], 16 * 1024 * 1024
     options = {}
-    if args.backend != "host":
-        options["batch"] = {"auto": "auto", "on": True, "off": False}[args.batch]
+    if args.backend != "host" and args.batch != "auto":
+        options["batch"] = {"on": True, "off": False}.get(args.batch, args.batch)
     if args.workers is not None:
         options["workers"] = args.workers
     result = bench.run_transfer_bench(

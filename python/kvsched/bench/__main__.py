@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compute-ms", type=float, default=4.0, help="compute per layer (ms)")
     p.add_argument("--block-kib", type=int, default=64, help="block size of the engine simulation")
     p.add_argument("--compute", choices=("spin", "sleep", "both"), default="both",
-                   help="layer compute: busy CPU work (spin), a CPU-free wait as when the layer "
-                        "runs on a GPU (sleep), or both (json: engine = spin, engine_sleep)")
+                   help="host backend's layer compute: busy CPU work (spin), a CPU-free wait as "
+                        "when the layer runs on a GPU (sleep), or both (json: engine = spin, "
+                        "engine_sleep); with --backend cuda a layer is a kernel on a compute stream")
     p.add_argument("--no-pin", action="store_true",
                    help="spin compute: leave thread placement to the OS (default: the forward "
                         "thread gets one core, the transfer threads the others)")
@@ -95,7 +96,10 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                        requests=args.requests, block_bytes=args.block_kib * 1024,
                        compute_per_layer_s=args.compute_ms / 1e3, backend=backend,
                        pin=not args.no_pin)
-    modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
+    if backend == "cuda":
+        modes = ["gpu"]  # a kernel on a compute stream (bench/gpu_compute.py); --compute is for host
+    else:
+        modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
     # The engine passes likewise: redrawn between passes only.
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True, auto_refresh=False) as progress:

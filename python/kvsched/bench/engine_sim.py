@@ -1,10 +1,15 @@
 """A simulated serving engine: the main job of kvsched-bench.
 
-Each iteration runs L layers of compute (busy CPU work with the GIL released, or a CPU-free wait
-as when the layer runs on a GPU; a real spin kernel on the compute stream with the cuda backend is
-left to bench/gpu_check.sh). R requests per iteration onboard their cached blocks layer by layer
-(LOAD before the layer that reads them) and offload newly written blocks after each layer (STORE
-gated on ``LayerComplete(k, i)``).
+Each iteration runs L layers of compute: busy CPU work with the GIL released ("spin") or a
+CPU-free wait ("sleep") with the host backend; with the cuda backend ("gpu"), a kernel that keeps
+a compute stream busy for the layer's time (:mod:`.gpu_compute`). R requests per iteration onboard
+their cached blocks layer by layer (LOAD before the layer that reads them) and offload newly
+written blocks after each layer (STORE gated on ``LayerComplete(k, i)``).
+
+With the cuda backend the ordering is on the GPU, as in a serving engine: the compute stream waits
+for a layer's load events before its kernel, each store carries the event the compute stream
+recorded after its layer (``compute_event``), the forward thread never waits for a copy, and it
+synchronises with the GPU once per iteration (where an engine samples tokens).
 
 Three threads play the engine's parts, as a real engine splits them:
 
@@ -62,9 +67,14 @@ class EngineConfig:
     compute_per_layer_s: float = 0.004
     max_inflight: int = 64
     compute: str = "spin"         # "spin": busy CPU work; "sleep": the CPU is free, as when
-                                    # the layer runs on a GPU and the forward thread waits
+                                    # the layer runs on a GPU and the forward thread waits;
+                                    # "gpu": a kernel on a compute stream (cuda backend only)
     backend: str = "host"
     pin: bool = True                # spin compute: the forward thread owns a core (see _Cores)
+    # Extra TransferEngine options (tests pass a stand-in CUDA runtime and driver here) and what
+    # makes the compute stream of a cuda pass (default: gpu_compute.GpuCompute()).
+    transfer_options: dict[str, Any] = field(default_factory=dict)
+    gpu_factory: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -101,11 +111,16 @@ class _LayerLoads:
         if len(self.jobs) == self.expected:
             self.submitted.set()
 
-    def wait(self, timeout: float = 30) -> None:  # forward thread: wait_for_layer_load
+    def wait(self, timeout: float = 30, gpu: Any = None) -> None:  # forward thread: wait_for_layer_load
+        """Until the layer's loads have landed; with ``gpu``, until they are submitted, and the
+        compute stream waits for the copies on the GPU."""
         self.submitted.wait(timeout)
         for job in self.jobs:
             if job is not None:
-                job.wait(timeout)
+                if gpu is not None:
+                    gpu.wait_for(job)
+                else:
+                    job.wait(timeout)
 
 
 class _Executor:
@@ -119,6 +134,9 @@ class _Executor:
         if not ops:
             self.all_submitted.set()
         self.mark_times: dict[tuple[int, int], float] = {}
+        # (iteration, layer) -> the compute stream's event after that layer (cuda backend): set by
+        # the forward thread before it marks the layer, read here after the store's decision.
+        self.layer_events: dict[tuple[int, int], Any] = {}
         self.handoff_us: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -138,8 +156,10 @@ class _Executor:
                     self.handoff_us.append((time.perf_counter() - marked) * 1e6)
                 job = None
                 if h.decision == Decision.EXECUTE:
+                    event = None if op.load else self.layer_events.get((op.iteration, op.layer))
                     try:
-                        job = submit(h, src=op.src, dst=op.dst, pairs=op.pairs, layers=[op.layer])
+                        job = submit(h, src=op.src, dst=op.dst, pairs=op.pairs, layers=[op.layer],
+                                     compute_event=event)
                     except Exception as exc:  # queue full or a bug: fail the op, never lose it
                         self.errors.append(repr(exc))
                         h.mark_complete(exc)
@@ -241,8 +261,9 @@ def _pools(cfg: EngineConfig) -> tuple[BlockPool, BlockPool, int]:
         # A real device KV cache and pinned host blocks: copies run on the GPU's copy engines.
         from ..transfer.cudart import DeviceBuffer, pinned_zeros
 
-        gpu: Any = DeviceBuffer(shape, np.float32)
-        host: Any = pinned_zeros(shape, np.float32)
+        runtime = cfg.transfer_options.get("runtime")
+        gpu: Any = DeviceBuffer(shape, np.float32, runtime=runtime)
+        host: Any = pinned_zeros(shape, np.float32, runtime=runtime)
         host[...] = np.random.default_rng(0).random(shape, dtype=np.float32)
     else:
         # The "device" KV cache, written once so that its pages are resident like a real cache's
@@ -275,6 +296,15 @@ def _plans(cfg: EngineConfig, gpu: BlockPool, host: BlockPool, per_iter: int
 
 
 def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any]:
+    if cfg.backend == "cuda":
+        from .gpu_compute import GpuCompute
+
+        with (cfg.gpu_factory or GpuCompute)() as stream:
+            return _run_pass_on(cfg, compute, transfer, stream)
+    return _run_pass_on(cfg, compute, transfer, None)
+
+
+def _run_pass_on(cfg: EngineConfig, compute: bool, transfer: bool, stream: Any) -> dict[str, Any]:
     gpu, host, per_iter = _pools(cfg)
     plans = _plans(cfg, gpu, host, per_iter) if transfer else {}
     ops = {op.uuid: op for reqs in plans.values() for _, pairs in reqs for pair in pairs for op in pair}
@@ -286,14 +316,14 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any
         if cores:
             cores.for_transfer_threads()
         with Scheduler(max_inflight=cfg.max_inflight, num_layers=cfg.layers) as sched, \
-                TransferEngine(sched, backend=cfg.backend) as engine:
+                TransferEngine(sched, backend=cfg.backend, **cfg.transfer_options) as engine:
             ex = _Executor(sched, engine, ops, loads)
             planner = _Planner(sched, plans)
             if cores:
                 cores.for_forward_thread()
             try:
                 with frozen_heap():
-                    out = _forward(cfg, compute, transfer, sched, ex, planner, loads)
+                    out = _forward(cfg, compute, transfer, sched, ex, planner, loads, stream)
             finally:
                 planner.stop()
                 ex.stop()
@@ -301,6 +331,8 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any
         if cores:
             cores.restore()
     tl, t0 = out["timeline"], out.pop("t0")
+    if stream is not None and compute:
+        tl.compute = stream.layer_spans()  # the kernels' own times, on the GPU's clock
     for job in ex.jobs:
         if job is not None and job.finished_at is not None:
             span = (job.submitted_at - t0, job.finished_at - t0)
@@ -312,12 +344,15 @@ def _run_pass(cfg: EngineConfig, compute: bool, transfer: bool) -> dict[str, Any
 
 
 def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler, ex: _Executor,
-             planner: _Planner, loads: dict[tuple[int, int], _LayerLoads]) -> dict[str, Any]:
-    """The forward thread's timed run: iterations of layers, then the drain of the last stores."""
+             planner: _Planner, loads: dict[tuple[int, int], _LayerLoads], gpu: Any = None) -> dict[str, Any]:
+    """The forward thread's timed run: iterations of layers, then the drain of the last stores.
+    With ``gpu`` (a GpuCompute), layers are kernels on its stream and the waits are on the GPU."""
     w = sched.worker
     tl = Timeline()
     starts: list[float] = []
     load_wait = [0.0] * (cfg.iterations + 1)
+    if gpu is not None:
+        gpu.start_pass()
     t0 = time.perf_counter()
     if transfer:
         planner.onboard(1)  # cold start: nothing computes yet to hide these loads
@@ -327,7 +362,7 @@ def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler,
         for k in range(cfg.layers):
             if transfer:
                 a = time.perf_counter()
-                loads[it, k].wait()
+                loads[it, k].wait(gpu=gpu)
                 load_wait[it] += time.perf_counter() - a
                 if k == 0 and it < cfg.iterations:
                     # One step ahead: the next iteration's loads overlap this one's compute. Asked
@@ -336,13 +371,19 @@ def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler,
                     planner.onboard(it + 1)
             if compute:
                 c0 = time.perf_counter()
-                if cfg.compute == "spin":
+                if gpu is not None:
+                    gpu.layer(cfg.compute_per_layer_s)  # launched; runs on the compute stream
+                elif cfg.compute == "spin":
                     _core._spin(cfg.compute_per_layer_s)
                 else:
                     _sleep_until(c0 + cfg.compute_per_layer_s)
                 tl.compute.append((c0 - t0, time.perf_counter() - t0))
+            if gpu is not None:
+                ex.layer_events[it, k] = gpu.record()  # the layer's stores wait on it, on the GPU
             ex.mark_times[it, k] = time.perf_counter()
             w.mark_layer_complete(k)
+        if gpu is not None:
+            gpu.synchronize()  # an engine samples the iteration's tokens on the CPU here
         w.mark_iteration_complete()
     # Drain: every store must land before its blocks could be reused.
     end_loop = time.perf_counter() - t0
@@ -373,12 +414,20 @@ def _steady(p: dict[str, Any]) -> float:
     return p["starts"][-1] - p["starts"][1] if len(p["starts"]) >= 3 else 0.0
 
 
+def _gaps(spans: list[tuple[float, float]]) -> float:
+    """Seconds between consecutive spans (the compute stream idle between layers)."""
+    return float(sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])))
+
+
 def _fraction(compute_s: float, transfer_s: float, wall_s: float) -> float:
     hidden = (compute_s + transfer_s - wall_s) / transfer_s if transfer_s > 0 else 0.0
     return float(min(1.0, max(0.0, hidden)))
 
 
 def run_engine(cfg: EngineConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    if (cfg.compute == "gpu") != (cfg.backend == "cuda"):
+        raise ValueError(f"compute {cfg.compute!r} with backend {cfg.backend!r}: the cuda backend "
+                         "computes with a GPU kernel ('gpu'), the host backend with 'spin' or 'sleep'")
     say = progress or (lambda m: None)
     cpu0, t_start = _cpu_times(), time.perf_counter()
     # Progress is reported between passes only: nothing else runs Python during a timed pass.
@@ -408,7 +457,13 @@ def run_engine(cfg: EngineConfig, progress: Callable[[str], None] | None = None)
         "compute_stretch": stretch,
     }
     unhidden["other"] = unhidden["total"] - sum(v for k, v in unhidden.items() if k != "total")
-    return {
+    extra: dict[str, Any] = {}
+    if cfg.backend == "cuda":
+        # On the GPU the waits for loads are the compute stream idling between kernels (the CPU
+        # waits above only count submission); the compute-only pass's gaps are launch and sync.
+        extra["gpu_idle_between_layers_s"] = {"compute_only": _gaps(compute_pass["timeline"].compute),
+                                              "with_transfers": _gaps(both["timeline"].compute)}
+    return {**extra,
         "compute_mode": cfg.compute,
         "layers": cfg.layers,
         "iterations": cfg.iterations,

@@ -81,7 +81,11 @@ def _engine_table(e: dict[str, Any], console: Console) -> None:
                            ("compute_stretch", "layers slower than in compute only"),
                            ("other", "other forward-thread work")):
             t.add_row(f"  {label}", f"{1e3 * u[key]:.1f}")
-    if "forward_thread_pinned" in e:
+    gaps = e.get("gpu_idle_between_layers_s")
+    if gaps:  # cuda: the compute stream waiting for loads shows as idle time between kernels
+        t.add_row("GPU idle between layers: compute only / with transfers (ms)",
+                  f"{1e3 * gaps['compute_only']:.1f} / {1e3 * gaps['with_transfers']:.1f}")
+    if "forward_thread_pinned" in e and e.get("compute_mode") == "spin":
         t.add_row("forward thread on a core of its own", "yes" if e["forward_thread_pinned"] else "no")
     if e.get("other_processes_cpu") is not None:
         t.add_row("CPU used by other processes meanwhile", f"{100 * e['other_processes_cpu']:.0f} %")

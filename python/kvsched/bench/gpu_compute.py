@@ -1,0 +1,161 @@
+"""The engine simulation's GPU layers: a timed kernel on a compute stream (``--backend cuda``).
+
+Each layer is one launch of a kernel that spins on the GPU's nanosecond clock (``%globaltimer``)
+for the layer's compute time: the compute stream is busy for that long, as with a real layer,
+and the CPU only launches it. The kernel is a few lines of hand-written PTX (ISA 7.0, sm_70) that
+the driver compiles for the GPU at load time (``cuModuleLoadData``), so no compiler, NVRTC, torch
+or cupy is needed: cuda-bindings and a driver are enough.
+
+Around the kernels, :class:`GpuCompute` offers what a serving engine does on its compute stream:
+wait for a load's completion event before the layer that reads it (``wait_for``), record an event
+after a layer for the stores that read its output (``record``), and synchronise once per
+iteration (the engine samples tokens on the CPU). Timing events around each layer give the GPU
+timeline of a pass (:meth:`GpuCompute.layer_spans`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from ..transfer.cudart import check, load_runtime
+from ..transfer.errors import CudaError
+
+__all__ = ["GpuCompute", "SPIN_PTX"]
+
+# extern "C" __global__ void kvsched_spin_ns(unsigned long long ns):
+#     start = %globaltimer; while (%globaltimer - start < ns) {}
+SPIN_PTX = b"""
+.version 7.0
+.target sm_70
+.address_size 64
+
+.visible .entry kvsched_spin_ns(
+    .param .u64 kvsched_spin_ns_param_0
+)
+{
+    .reg .pred %p<2>;
+    .reg .b64 %rd<5>;
+
+    ld.param.u64 %rd1, [kvsched_spin_ns_param_0];
+    mov.u64 %rd2, %globaltimer;
+$L_spin:
+    mov.u64 %rd3, %globaltimer;
+    sub.s64 %rd4, %rd3, %rd2;
+    setp.lt.u64 %p1, %rd4, %rd1;
+    @%p1 bra $L_spin;
+    ret;
+}
+"""
+
+
+class GpuCompute:
+    """A compute stream running timed "layers". Create and use it on one thread (the forward
+    thread); :meth:`close` releases the stream, events and module."""
+
+    def __init__(self, device: int = 0) -> None:
+        from cuda.bindings import driver
+
+        self._rt, self._drv = load_runtime(), driver
+        rt = self._rt
+        self.device = device
+        check(rt, rt.cudaSetDevice(device), "cudaSetDevice")
+        # The driver API has no implicit context: make the device's primary context (the one the
+        # runtime and the transfer engine's streams use) current on this thread.
+        check(rt, rt.cudaFree(0), "cudaFree(0)")
+        image = ctypes.create_string_buffer(SPIN_PTX)  # NUL-terminated, as cuModuleLoadData wants
+        self._module = self._check(driver.cuModuleLoadData(image), "cuModuleLoadData (the spin kernel's PTX)")
+        self._kernel = self._check(driver.cuModuleGetFunction(self._module, b"kvsched_spin_ns"),
+                                   "cuModuleGetFunction")
+        self.stream = check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._free: list[Any] = []     # events without timing, for stores and loads to wait on
+        self._all: list[Any] = []
+        self._spans: list[tuple[Any, Any]] = []  # timing events around each layer of this pass
+        self._origin: Any = None
+
+    # ------------------------------------------------------------------------------ per layer
+
+    def start_pass(self) -> None:
+        """Forget the previous pass's spans and mark time zero of this one on the stream."""
+        self._spans = []
+        self._origin = self._timing_event()
+        check(self._rt, self._rt.cudaEventRecord(self._origin, self.stream), "cudaEventRecord")
+
+    def wait_for(self, job: Any) -> None:
+        """The compute stream waits (on the GPU) for a load's copies; the CPU does not."""
+        if job is not None:
+            job.wait_on(self.stream)
+
+    def layer(self, seconds: float) -> None:
+        """Launch one layer: the kernel keeps the compute stream busy for ``seconds``."""
+        rt, drv = self._rt, self._drv
+        start, end = self._timing_event(), self._timing_event()
+        check(rt, rt.cudaEventRecord(start, self.stream), "cudaEventRecord")
+        ns = max(0, int(seconds * 1e9))
+        self._check(drv.cuLaunchKernel(self._kernel, 1, 1, 1, 1, 1, 1, 0, self.stream,
+                                       ((ns,), (ctypes.c_uint64,)), 0), "cuLaunchKernel")
+        check(rt, rt.cudaEventRecord(end, self.stream), "cudaEventRecord")
+        self._spans.append((start, end))
+
+    def record(self) -> Any:
+        """An event recorded on the compute stream now (after the layers launched so far): what a
+        store of those layers' blocks passes as ``compute_event``."""
+        rt = self._rt
+        event = self._free.pop() if self._free else self._new_event(rt.cudaEventDisableTiming)
+        check(rt, rt.cudaEventRecord(event, self.stream), "cudaEventRecord")
+        return event
+
+    def recycle(self, events: list[Any]) -> None:
+        """Give back events from :meth:`record` once nothing waits on them any more."""
+        self._free.extend(events)
+
+    def synchronize(self) -> None:
+        check(self._rt, self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def layer_spans(self) -> list[tuple[float, float]]:
+        """(start, end) seconds of each layer of this pass on the GPU, from :meth:`start_pass`.
+        Synchronises the stream."""
+        rt = self._rt
+        self.synchronize()
+        out = []
+        for start, end in self._spans:
+            a = check(rt, rt.cudaEventElapsedTime(self._origin, start), "cudaEventElapsedTime")
+            b = check(rt, rt.cudaEventElapsedTime(self._origin, end), "cudaEventElapsedTime")
+            out.append((float(a) / 1e3, float(b) / 1e3))
+        return out
+
+    # ------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        rt = self._rt
+        try:
+            rt.cudaStreamSynchronize(self.stream)
+        finally:
+            for event in self._all:
+                rt.cudaEventDestroy(event)
+            self._all, self._free, self._spans = [], [], []
+            rt.cudaStreamDestroy(self.stream)
+            self._drv.cuModuleUnload(self._module)
+
+    def __enter__(self) -> "GpuCompute":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _timing_event(self) -> Any:
+        return self._new_event(self._rt.cudaEventDefault)
+
+    def _new_event(self, flags: Any) -> Any:
+        event = check(self._rt, self._rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        self._all.append(event)
+        return event
+
+    def _check(self, result: Any, what: str) -> Any:
+        result = result if isinstance(result, tuple) else (result,)
+        if int(result[0]) != 0:
+            name = getattr(result[0], "name", None) or f"CUresult {int(result[0])}"
+            raise CudaError(f"{what} failed: {name}", code=int(result[0]), name=name)
+        return result[1] if len(result) == 2 else None

@@ -1,0 +1,140 @@
+"""kvsched-bench's engine simulation on the cuda backend, run on a CPU-only machine: the transfer
+engine on the stand-in runtime and driver (fake_cudart.py), the compute stream replaced by a
+recorder with the same methods as bench.gpu_compute.GpuCompute. What is checked is the engine's
+side of GPU ordering: the compute stream is told to wait for every load before the layer that
+reads it, every store carries the event recorded after its layer, the forward thread synchronises
+once per iteration and never waits for a copy on the CPU. The GPU itself is test_cuda_backend's
+and bench/gpu_check.sh's business."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fake_cudart import FakeDriver, FakeRuntime
+
+from kvsched.bench.engine_sim import EngineConfig, run_engine
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class RecordingCompute:
+    """GpuCompute's interface; layers sleep on the CPU, everything is logged in order."""
+
+    def __init__(self, rt: FakeRuntime, log: list) -> None:
+        self.rt, self.log = rt, log
+        self.stream = rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking)[1]
+        self.thread = threading.get_ident()
+        self._spans: list[tuple[float, float]] = []
+        self._t0 = 0.0
+
+    def _on_forward_thread(self) -> None:
+        assert threading.get_ident() == self.thread, "compute stream used from another thread"
+
+    def start_pass(self) -> None:
+        self._spans, self._t0 = [], time.perf_counter()
+        self.log.append(("start",))
+
+    def wait_for(self, job) -> None:
+        self._on_forward_thread()
+        assert job is not None
+        self.log.append(("wait_for", job.uuid))
+        job.wait_on(self.stream)
+
+    def layer(self, seconds: float) -> None:
+        self._on_forward_thread()
+        a = time.perf_counter() - self._t0
+        time.sleep(seconds)
+        self._spans.append((a, time.perf_counter() - self._t0))
+        self.log.append(("layer",))
+
+    def record(self):
+        self._on_forward_thread()
+        event = self.rt.cudaEventCreateWithFlags(self.rt.cudaEventDisableTiming)[1]
+        self.rt.cudaEventRecord(event, self.stream)
+        self.log.append(("record", int(event)))
+        return event
+
+    def synchronize(self) -> None:
+        self.log.append(("sync",))
+
+    def layer_spans(self):
+        return list(self._spans)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.append(("close",))
+
+
+def test_cuda_engine_simulation_orders_copies_on_the_gpu(monkeypatch):
+    rt = FakeRuntime(not_ready_polls=1)
+    drv = FakeDriver(rt)
+    log: list = []
+    layers, iterations, requests = 3, 4, 2
+    cfg = EngineConfig(layers=layers, iterations=iterations, requests=requests, blocks_per_layer=2,
+                       block_bytes=4096, compute_per_layer_s=0.002, backend="cuda", compute="gpu",
+                       transfer_options={"runtime": rt, "driver": drv, "poll_interval": (1e-5, 1e-4)},
+                       gpu_factory=lambda: RecordingCompute(rt, log))
+    # Every job the executor submits, with the compute_event it was given.
+    from kvsched.transfer.engine import TransferEngine
+
+    submitted = []
+    real_submit = TransferEngine.submit
+
+    def spy(self, h, *args, compute_event=None, **kwargs):
+        job = real_submit(self, h, *args, compute_event=compute_event, **kwargs)
+        submitted.append((job, compute_event))
+        return job
+
+    monkeypatch.setattr(TransferEngine, "submit", spy)
+    result = run_engine(cfg)
+    assert drv.errors == []
+    assert result["failed_ops"] == 0 and result["errors"] == []
+    assert result["ops"] == 2 * layers * iterations * requests
+    assert result["compute_mode"] == "gpu"
+    assert 0.0 <= result["hidden_fraction"] <= 1.0
+    gaps = result["gpu_idle_between_layers_s"]
+    assert gaps["compute_only"] >= 0 and gaps["with_transfers"] >= 0
+
+    # The last pass (compute + transfers): its log starts at the last "start".
+    last = max(i for i, entry in enumerate(log) if entry[0] == "start")
+    events = [entry for entry in log[last:] if entry[0] != "start"]
+    assert [e[0] for e in events].count("layer") == layers * iterations
+    assert [e[0] for e in events].count("sync") == iterations  # once per iteration
+    recorded = [e[1] for e in events if e[0] == "record"]
+    assert len(recorded) == layers * iterations
+
+    jobs = submitted[-result["ops"]:]  # the both-pass's jobs
+    loads = [(job, ev) for job, ev in jobs if job.kind == "h2d"]
+    stores = [(job, ev) for job, ev in jobs if job.kind == "d2h"]
+    assert len(loads) == len(stores) == layers * iterations * requests
+    # Loads need no compute event; each store carries one of the layer events, and each layer's
+    # event gates exactly that layer's stores (one per request).
+    assert all(ev is None for _, ev in loads)
+    store_events = [int(ev) for _, ev in stores]
+    assert sorted(set(store_events)) == sorted(recorded)
+    assert all(store_events.count(e) == requests for e in recorded)
+    # The copy stream was told to wait on those events before copying (on the GPU).
+    assert set(recorded) <= {event for _, event in rt.waits}
+    # The compute stream is told to wait for each layer's loads before that layer's kernel: in the
+    # log, the waits of a layer come between the previous layer and its own.
+    waited = [e[1] for e in events if e[0] == "wait_for"]
+    assert sorted(map(str, waited)) == sorted(str(job.uuid) for job, _ in loads)
+    per_layer, run = [], 0
+    for e in events:
+        if e[0] == "wait_for":
+            run += 1
+        elif e[0] == "layer":
+            per_layer.append(run)
+            run = 0
+    assert per_layer == [requests] * (layers * iterations)
+
+
+def test_compute_mode_must_match_the_backend():
+    with pytest.raises(ValueError, match="GPU kernel"):
+        run_engine(EngineConfig(backend="host", compute="gpu"))
+    with pytest.raises(ValueError, match="GPU kernel"):
+        run_engine(EngineConfig(backend="cuda", compute="spin"))
