@@ -579,8 +579,9 @@ class CudaBackend:
             dev.free()
 
 
-# Jobs of at most this many copies get their addresses as Python lists (CopyPlan.segment_lists).
-_LIST_SEGMENTS = 256
+# Jobs of at most this many copies get their addresses as Python lists (CopyPlan.segment_lists):
+# measured, lists are cheaper up to the 64 pairs a plan keeps as lists, numpy beyond.
+_LIST_SEGMENTS = 64
 
 
 def _ints(values: Any) -> list[int]:
