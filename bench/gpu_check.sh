@@ -11,7 +11,11 @@
 # skipped once it is spent, so one hang cannot eat the machine's time. The script goes on after a
 # failed step and reports all of them; it exits 1 if any step failed or was skipped.
 # Optional: WHEELS=dir with wheels of the pure-Python extras (rich, pytest, pytest-timeout,
-# hypothesis, matplotlib) when the image lacks them.
+# hypothesis, matplotlib) when the image lacks them; fetch them where there is network, e.g.
+#   pip download -d build/wheels --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+#     rich pytest pytest-timeout hypothesis matplotlib && rm build/wheels/numpy-*
+# (the image's own numpy stays) and carry build/wheels to the GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
