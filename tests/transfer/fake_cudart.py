@@ -425,6 +425,7 @@ class FakeDriver:
                 return int(CUresult.CUDA_ERROR_INVALID_CONTEXT)
             assert num_attrs == 1 and attr_idxs[0] == 0, "one attribute set for all copies"
             assert attrs[0].srcAccessOrder == 1, "sources must be read in stream order"
+            assert attrs[0].flags == 1, "copies should prefer to overlap compute (a hint)"
             assert stream in self.rt.streams and stream not in self.rt.destroyed_streams, "bad stream"
             assert count > 0 and dsts and srcs and sizes
             d = (ctypes.c_uint64 * count).from_address(dsts)

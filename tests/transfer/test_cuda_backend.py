@@ -249,10 +249,12 @@ def test_gpu_batched_copies_available(engine):
     assert stats["batch_mode"] == "driver", f"C-array batches unusable: {stats['batch_reason']}"
 
 
-@pytest.mark.parametrize("batch", ["driver", "bindings"])
-def test_gpu_batches_from_threads_that_never_touched_cuda(engine, batch):
-    """A submitting thread with no CUDA context yet (the driver API needs one current), several
-    batch calls per job, and many threads at once on one engine."""
+@pytest.mark.parametrize("batch,skip_bind", [("driver", False), ("driver", True), ("bindings", False)])
+def test_gpu_batches_from_threads_that_never_touched_cuda(engine, batch, skip_bind):
+    """Submitting threads with no CUDA context yet (the driver API needs one current), several
+    batch calls per job, and many threads at once on one engine. With skip_bind, each thread
+    skips the binding before its first driver call, so the driver call itself meets the missing
+    context (refused and retried after binding, or served through the stream's context)."""
     rng = np.random.default_rng(2)
     eng = engine(batch=batch)
     n, size, threads = 2048, 4096, 4
@@ -262,10 +264,16 @@ def test_gpu_batches_from_threads_that_never_touched_cuda(engine, batch):
     hp, dev = BlockPool.from_array(host), BlockPool.from_array(dev_buf)
     slices = np.array_split(rng.permutation(n), threads)  # disjoint destinations per thread
     outcomes = []
+    # One job from this thread first: the pools' one-time checks (runtime calls that would bind
+    # a context) happen here, not in the threads below.
+    warm = FakeHandle(request_id="warm-up")
+    _done(eng.submit(warm, hp, dev, np.stack([slices[0][:4], slices[0][:4]], axis=1)), warm)
 
     def run(ids):
         h = FakeHandle(request_id="thread")
         pairs = np.stack([ids, ids], axis=1)
+        if skip_bind:
+            eng._cuda._bound_threads.bound = True  # (a lie, for this thread only)
         try:
             job = eng.submit(h, hp, dev, pairs)
             outcomes.append((job.wait(30), h.completed, h.error_text))

@@ -157,6 +157,10 @@ def test_driver_error_fails_the_handle_and_names_the_copy(engine, fake, driver, 
     assert "cuMemcpyBatchAsync failed (copy 1): CUDA_ERROR_ILLEGAL_ADDRESS" in h.error_text
     h2 = make_handle()  # the engine goes on
     assert eng.submit(h2, BlockPool.from_array(host), dev, [[1, 1], [3, 3]]).wait(10) and h2.completed
+    driver.fail_at.append((CUresult.CUDA_ERROR_INVALID_VALUE, 2**64 - 1))  # SIZE_MAX: no one copy
+    h3 = make_handle()
+    assert eng.submit(h3, BlockPool.from_array(host), dev, [[5, 5], [7, 7]]).wait(10) and h3.failed
+    assert "cuMemcpyBatchAsync failed: CUDA_ERROR_INVALID_VALUE" in h3.error_text
 
 
 def test_a_thread_without_a_current_context_binds_it_and_retries(engine, fake, driver, make_handle):

@@ -5,6 +5,7 @@ that layer on the GPU, and a short engine simulation runs with nothing failed.""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -81,23 +82,27 @@ def test_compute_stream_waits_for_a_load(compute):
 
     eng = TransferEngine(None, backend="cuda")
     try:
+        # Every allocation before the clock: allocating pinned or device memory may synchronise
+        # the device, which would let the blocking layer end before the load is queued.
+        n = 64
+        host = pinned_empty((1, n, 65536))
+        host[:] = np.random.default_rng(0).integers(0, 256, host.shape, dtype=np.uint8)
+        hp, dev = BlockPool.from_array(host), BlockPool.from_array(DeviceBuffer((1, n, 65536)))
+        pairs = [[i, i] for i in range(n)]
         with GpuCompute() as blocker:
+            gc.collect()
+            compute.start_pass()  # time zero, just before the blocking layer
             blocker.start_pass()
             blocker.layer(LAYER_S)
             held = blocker.record()
-            n = 64
-            host = pinned_empty((1, n, 65536))
-            host[:] = np.random.default_rng(0).integers(0, 256, host.shape, dtype=np.uint8)
-            dev = BlockPool.from_array(DeviceBuffer((1, n, 65536)))
             h = FakeHandle()
-            load = eng.submit(h, BlockPool.from_array(host), dev, [[i, i] for i in range(n)], wait_event=held)
-            compute.start_pass()
+            load = eng.submit(h, hp, dev, pairs, wait_event=held)
             compute.wait_for(load)
             compute.layer(0.001)
             (start, _), = compute.layer_spans()
             blocker.synchronize()
             assert load.wait(30) and h.completed, h.error_text
-            assert start >= LAYER_S * 0.75, f"the layer started {start * 1e3:.0f} ms in, before its load"
+            assert start >= LAYER_S * 0.9, f"the layer started {start * 1e3:.0f} ms in, before its load"
     finally:
         assert eng.close(timeout=60)
 

@@ -68,8 +68,7 @@ class GpuCompute:
         self._kernel = self._check(driver.cuModuleGetFunction(self._module, b"kvsched_spin_ns"),
                                    "cuModuleGetFunction")
         self.stream = check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-        self._free: list[Any] = []     # events without timing, for stores and loads to wait on
-        self._all: list[Any] = []
+        self._all: list[Any] = []      # every event made, destroyed by close()
         self._spans: list[tuple[Any, Any]] = []  # timing events around each layer of this pass
         self._origin: Any = None
 
@@ -100,14 +99,12 @@ class GpuCompute:
     def record(self) -> Any:
         """An event recorded on the compute stream now (after the layers launched so far): what a
         store of those layers' blocks passes as ``compute_event``."""
+        # A new event each time: a store decided late may still be submitted with it after the
+        # iteration's sync, so re-recording a used event could move what that store waits for.
         rt = self._rt
-        event = self._free.pop() if self._free else self._new_event(rt.cudaEventDisableTiming)
+        event = self._new_event(rt.cudaEventDisableTiming)
         check(rt, rt.cudaEventRecord(event, self.stream), "cudaEventRecord")
         return event
-
-    def recycle(self, events: list[Any]) -> None:
-        """Give back events from :meth:`record` once nothing waits on them any more."""
-        self._free.extend(events)
 
     def synchronize(self) -> None:
         check(self._rt, self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -133,7 +130,7 @@ class GpuCompute:
         finally:
             for event in self._all:
                 rt.cudaEventDestroy(event)
-            self._all, self._free, self._spans = [], [], []
+            self._all, self._spans = [], []
             rt.cudaStreamDestroy(self.stream)
             self._drv.cuModuleUnload(self._module)
 

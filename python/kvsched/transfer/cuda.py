@@ -327,9 +327,8 @@ class CudaBackend:
                 rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle)
             if rc != 0:
                 text = copier.error_name(rc)
-                raise CudaError(
-                    f"cuMemcpyBatchAsync failed (copy {start + fail}): {text}", code=rc, name=text.split(" ", 1)[0]
-                )
+                where = f" (copy {start + fail})" if fail < stop - start else ""  # else SIZE_MAX: no one copy
+                raise CudaError(f"cuMemcpyBatchAsync failed{where}: {text}", code=rc, name=text.split(" ", 1)[0])
         del d_keep, s_keep, n_keep  # alive until here: the driver read them during the calls
 
     def _bind_context(self) -> None:
@@ -551,6 +550,9 @@ class CudaBackend:
             raise CudaError("cuda-bindings has no cudaMemcpyBatchAsync (needs cuda-bindings >= 12.8)")
         attrs = rt.cudaMemcpyAttributes()
         attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        flags = getattr(rt, "cudaMemcpyFlags", None)  # a hint: overlap the compute stream's kernels
+        if flags is not None:
+            attrs.flags = flags.cudaMemcpyFlagPreferOverlapWithCompute
         self._batch_attrs = [attrs]
 
     def _batch_self_test(self) -> None:

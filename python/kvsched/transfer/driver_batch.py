@@ -32,6 +32,7 @@ __all__ = ["DriverBatchCopier", "c_array", "CUmemLocation", "CUmemcpyAttributes"
 ABI_VERSION = 12080  # the CUDA version whose cuMemcpyBatchAsync prototype is declared below
 _CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1  # the legacy-stream entry point, not the per-thread one
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
@@ -89,12 +90,16 @@ class DriverBatchCopier:
             raise CudaError(f"the driver has no cuMemcpyBatchAsync at the CUDA {ABI_VERSION} ABI{status}")
         self._fn = BATCH_PROTOTYPE(address)
         # One attribute set for every copy. Read by the driver during the call only, never written:
-        # shared by concurrent callers safely.
-        self._attrs = CUmemcpyAttributes(srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM)
+        # shared by concurrent callers safely. PREFER_OVERLAP_WITH_COMPUTE is a hint (cuda.h) that
+        # the copies should overlap the compute stream's kernels, which is what they are for.
+        self._attrs = CUmemcpyAttributes(srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+                                         flags=_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
         self._attr_index = (ctypes.c_size_t * 1)(0)
 
     def __call__(self, dsts: int, srcs: int, sizes: int, count: int, stream: int) -> tuple[int, int]:
-        """Queue ``count`` copies on ``stream``; returns ``(CUresult, index of the failed copy)``.
+        """Queue ``count`` copies on ``stream``; returns ``(CUresult, index of the failed copy)``
+        (the index is ``count`` or more when the error is not tied to one copy: the driver then
+        leaves SIZE_MAX).
 
         ``dsts``, ``srcs`` and ``sizes`` are addresses of C arrays of ``count`` 64-bit integers
         (see :func:`c_array`), alive during the call: the driver has read them when it returns."""
