@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="4K,16K,64K,256K,1M,2M", help="block sizes, comma separated")
     p.add_argument("--total", default="64M", help="bytes moved per measurement")
     p.add_argument("--max-blocks", type=int, default=16384)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--directions", default="h2d,d2h,both", help="cuda: any of h2d,d2h,both")
     p.add_argument("--batch", default="auto", choices=["auto", "on", "off", "driver", "bindings"],
                    help="cuda: batched copies (auto: C arrays to the driver where it works, measured "

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         sizes = [4096, 65536, 1 << 20] if quick else [4096, 16384, 65536, 262144, 1 << 20, 2 << 20]
         tr = run_transfer_bench(backend=backend, block_sizes=sizes,
                                 total_bytes=(16 if quick else 64) << 20,
-                                repeats=2 if quick else 3, progress=lambda m: say(f"transfers: {m}"))
+                                repeats=2 if quick else 5, progress=lambda m: say(f"transfers: {m}"))
         summary = transfer_summary(tr, block_bytes=65536)
         result["transfer"] = {**summary, "rows": tr["rows"], "batched": tr.get("batched"),
                               "batch_mode": tr.get("batch_mode")}
