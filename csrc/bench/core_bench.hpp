@@ -1,12 +1,15 @@
-// The single-thread core benchmark loop, shared by the `bench_core` binary and the
+// The core benchmark loop, shared by the `bench_core` binary and the
 // `kvsched._core._bench_core` entry point used by kvsched-bench (no Python in the loop).
 //
 // One "op" is the whole life of one operation: enqueue + schedule (decided EXECUTE at once) +
 // mark_complete, with create_slot/remove_slot amortised over 4 operations per slot.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/scheduler.hpp"
@@ -18,18 +21,22 @@ struct CoreBenchResult {
   double seconds = 0;
 };
 
-inline CoreBenchResult run_core_bench(long ops) {
+// `threads` threads share one Scheduler, each with its own requests and uuids, started together;
+// `ops` is the total over all threads. With 1 thread this is the loop kvsched-bench reports as
+// "core alone"; more threads measure how the core's locks and atomics scale (no Python anywhere).
+inline CoreBenchResult run_core_bench(long ops, int threads = 1) {
   using namespace kvsched::core;
   constexpr int kPerSlot = 4;
+  if (threads < 1) threads = 1;
   Config c;
   c.max_inflight = 64;
   Scheduler s(c);
-  std::vector<std::string> rids;
-  for (int i = 0; i < 1024; ++i) rids.push_back("req-" + std::to_string(i));
-  auto run = [&](long n, uint64_t base) {
-    auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::vector<std::string>> rids(threads);
+  for (int t = 0; t < threads; ++t)
+    for (int i = 0; i < 1024; ++i) rids[t].push_back("req-" + std::to_string(t) + "-" + std::to_string(i));
+  auto run = [&](int t, long n, uint64_t base) {
     for (long i = 0; i < n; i += kPerSlot) {
-      const std::string& rid = rids[(i / kPerSlot) % rids.size()];
+      const std::string& rid = rids[t][(i / kPerSlot) % rids[t].size()];
       s.create_slot(rid);
       OpPtr h[kPerSlot];
       for (int j = 0; j < kPerSlot; ++j) {
@@ -42,13 +49,36 @@ inline CoreBenchResult run_core_bench(long ops) {
       s.remove_slot(rid);
       if ((i / kPerSlot) % 64 == 0) s.take_finished();
     }
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  run(ops / 10 + kPerSlot, 1);  // warm-up: allocator, hash tables, removed-uuid memory
-  CoreBenchResult r;
-  r.ops = ops;
-  r.seconds = run(ops, 2);
-  return r;
+  auto timed = [&](long total, uint64_t base) {
+    const long each = (total / threads + kPerSlot - 1) / kPerSlot * kPerSlot;
+    std::atomic<int> ready{0};
+    std::atomic<bool> go{false};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        // order: relaxed/acquire — a start line: `go` (release below) publishes nothing but the
+        // moment to start; each thread touches only its own rids and uuids.
+        ready.fetch_add(1, std::memory_order_relaxed);
+        while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+        run(t, each, base + static_cast<uint64_t>(t) * 0x100000000ull);
+      });
+    while (ready.load(std::memory_order_relaxed) < threads) std::this_thread::yield();
+    auto t0 = std::chrono::steady_clock::now();
+    go.store(true, std::memory_order_release);
+    for (auto& th : pool) th.join();
+    return std::make_pair(each * threads,
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  };
+  if (threads == 1) {  // no thread start in the timed part
+    run(0, ops / 10 + kPerSlot, 1);  // warm-up: allocator, hash tables, removed-uuid memory
+    auto t0 = std::chrono::steady_clock::now();
+    run(0, ops, 2);
+    return {ops, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
+  }
+  timed(ops / 10 + kPerSlot * threads, 1);
+  auto [done, seconds] = timed(ops, 2);
+  return {done, seconds};
 }
 
 }  // namespace kvsched::bench

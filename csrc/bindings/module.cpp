@@ -519,15 +519,19 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("_bench_core",
-        [](long ops) {
+        [](long ops, int threads) {
+          if (ops < 1 || threads < 1 || threads > 64)
+            invalid("_bench_core: ops >= 1 and 1 <= threads <= 64");
           kvsched::bench::CoreBenchResult r;
           {
             py::gil_scoped_release nogil;
-            r = kvsched::bench::run_core_bench(ops);
+            r = kvsched::bench::run_core_bench(ops, threads);
           }
           return py::make_tuple(r.ops, r.seconds);
         },
-        py::arg("ops"), "Run the core benchmark loop without Python; returns (ops, seconds).");
+        py::arg("ops"), py::arg("threads") = 1,
+        "Run the core benchmark loop without Python on `threads` threads sharing one scheduler; "
+        "returns (ops done, seconds).");
   m.def("_spin",
         [](double seconds) {
           // Busy CPU work with the GIL released: the simulated layer compute of kvsched-bench.

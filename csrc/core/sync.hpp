@@ -15,13 +15,46 @@
 #include <mutex>
 #include <shared_mutex>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace kvsched::core {
 
 template <class T>
 using Atomic = std::atomic<T>;
-using Mutex = std::mutex;
 using SharedMutex = std::shared_mutex;
 using CondVar = std::condition_variable_any;
+
+// A std::mutex that spins briefly before it sleeps. Every critical section in the core is a few
+// hundred nanoseconds at most, but a contended std::mutex parks the thread in the kernel (futex
+// wait, then a futex wake and a context switch for the unlocker): with two threads driving one
+// scheduler, those syscalls took a third of the time and two threads did fewer op lifecycles per
+// second than one (bench_core N 2). Spinning for about a critical section's length first lets
+// the lock change hands in user space; a holder that was preempted still costs only the spin.
+class Mutex {
+ public:
+  void lock() {
+    for (int i = 0; i < kSpins; ++i) {
+      if (mu_.try_lock()) return;
+      relax();
+    }
+    mu_.lock();
+  }
+  bool try_lock() { return mu_.try_lock(); }
+  void unlock() { mu_.unlock(); }
+
+ private:
+  static constexpr int kSpins = 64;
+  static void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  std::mutex mu_;
+};
 
 }  // namespace kvsched::core
 #endif

@@ -42,6 +42,9 @@ def test_quick_json_and_plot(tmp_path):
               e["compute_s"], e["transfer_s"], e["wall_s"]):
         assert v > 0 and math.isfinite(v)
     assert isinstance(s["ops"], int) and s["ops"] > 0
+    for key in ("threads", "core_threads"):  # thread scaling: 1, 2, 4 threads
+        assert set(s[key]) == {"1", "2", "4"}, key
+        assert all(v > 0 and math.isfinite(v) for v in s[key].values()), key
     assert t["block_bytes"] > 0 and t["blocks"] > 0
     assert e["layers"] > 0 and e["iterations"] > 0
     assert 0.0 <= e["hidden_fraction"] <= 1.0

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         sched = scheduler_bench.ops_per_second(ops)
         say("scheduler: thread scaling")
         sched["threads"] = scheduler_bench.thread_scaling(ops // 2)
+        sched["core_threads"] = scheduler_bench.core_thread_scaling(ops * 10)
         say("scheduler: dispatch latency")
         lat = scheduler_bench.dispatch_latency(iterations=50 if quick else 300)
         sched["ops"] = ops

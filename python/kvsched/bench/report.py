@@ -30,6 +30,8 @@ def print_report(result: dict[str, Any], console: Console) -> None:
         t.add_row(name, _f(s[key]), f"{s[key] / ref:.1f}x")
     for n, v in s.get("threads", {}).items():
         t.add_row(f"Python API, {n} thread(s)", _f(v), f"{v / ref:.1f}x")
+    for n, v in s.get("core_threads", {}).items():  # no GIL: the core's own locks and atomics
+        t.add_row(f"C++ core alone, {n} thread(s)", _f(v), f"{v / ref:.1f}x")
     console.print(t)
     lat = s["dispatch_latency_us"]
     console.print(f"layer-complete -> decision latency (core): p50 {lat['p50']:.1f} us, "

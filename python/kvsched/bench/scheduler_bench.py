@@ -90,6 +90,17 @@ def ops_per_second(ops: int, rounds: int = 3) -> dict[str, float]:
     return best
 
 
+def core_thread_scaling(ops: int, threads: tuple[int, ...] = (1, 2, 4), rounds: int = 3) -> dict[str, float]:
+    """Total op lifecycles/s of the C++ core alone (no Python, no GIL) with 1, 2, 4 threads on
+    one scheduler, each thread with its own requests; best of ``rounds`` interleaved rounds."""
+    out: dict[str, float] = {}
+    for _ in range(rounds):
+        for n in threads:
+            done, seconds = _core._bench_core(ops, n)
+            out[str(n)] = max(out.get(str(n), 0.0), done / seconds)
+    return out
+
+
 def thread_scaling(ops: int, threads: tuple[int, ...] = (1, 2, 4)) -> dict[str, float]:
     """Total Python-API ops/s with 1, 2, 4 threads on one scheduler (each its own requests)."""
     out: dict[str, float] = {}
