@@ -68,7 +68,7 @@ step build 150 $PY -m pip install --no-build-isolation --no-deps --no-index -v .
 step import 20 bash -c "cd /tmp && $PY -c 'import kvsched, kvsched._core, kvsched.transfer.engine; print(kvsched.__file__)'"
 step cuda_tests 100 $PY -m pytest tests/transfer -m gpu -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
 step transfer_bench_cuda 75 $PY bench/transfer_bench.py --backend cuda --sizes 4K,8K,16K,32K,64K,256K,2M \
-  --total 64M --repeats 3 --json "$OUT/transfer_bench_cuda.json"
+  --total 64M --repeats 5 --json "$OUT/transfer_bench_cuda.json"
 step bench_cuda 90 $PY -m kvsched.bench --backend cuda --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
 step all_tests 150 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not gpu and not slow" --junitxml="$OUT/all_tests.xml"
 step transfer_bench_cuda_nobatch 30 $PY bench/transfer_bench.py --backend cuda --batch off --sizes 4K,64K \

@@ -1,6 +1,10 @@
 """Host CPU time of ``TransferEngine.submit`` on the cuda backend, without a GPU.
 
-The CUDA runtime and driver are the stand-ins of the test suite (``tests/transfer/fake_cudart.py``)
+A development measurement, not a test: it borrows the test suite's stand-ins for the CUDA runtime
+and driver (``tests/transfer/fake_cudart.py``) and reaches into the engine to swap the driver
+function and to abandon the jobs that never complete.
+
+The CUDA runtime and driver are the stand-ins of the test suite
 with the copy calls made free of the driver's work: what is timed is the submitting thread's work
 per job (checks, planning, addresses, the batch call's host side, event bookkeeping) for the two
 batch paths side by side: "C arrays" (``cuMemcpyBatchAsync`` through ctypes; the stand-in driver
@@ -50,7 +54,10 @@ def _compile_nothing() -> ctypes.CDLL:
     tmp = tempfile.mkdtemp()
     src, lib = os.path.join(tmp, "nothing.c"), os.path.join(tmp, "libnothing.so")
     with open(src, "w") as f:
-        f.write("int kvsched_nothing(void) { return 0; }\n")
+        f.write("#include <stddef.h>\n"  # cuMemcpyBatchAsync's prototype (CUDA 12.8 ABI)
+                "int kvsched_nothing(void *dsts, void *srcs, void *sizes, size_t count, void *attrs,\n"
+                "                    void *attr_idxs, size_t num_attrs, void *fail_idx, void *stream)\n"
+                "{ return 0; }\n")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         raise SystemExit("needs a C compiler (cc) for the free stand-in driver call")

@@ -72,9 +72,10 @@ inline CoreBenchResult run_core_bench(long ops, int threads = 1) {
   };
   if (threads == 1) {  // no thread start in the timed part
     run(0, ops / 10 + kPerSlot, 1);  // warm-up: allocator, hash tables, removed-uuid memory
+    const long done = (ops + kPerSlot - 1) / kPerSlot * kPerSlot;  // whole slots
     auto t0 = std::chrono::steady_clock::now();
-    run(0, ops, 2);
-    return {ops, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
+    run(0, done, 2);
+    return {done, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
   }
   timed(ops / 10 + kPerSlot * threads, 1);
   auto [done, seconds] = timed(ops, 2);

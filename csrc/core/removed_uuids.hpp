@@ -56,7 +56,9 @@ class RemovedUuids {
   // Home slot from the low bits, tag from the top byte (never 0, the empty mark).
   size_t home_of(size_t h) const { return h & (keys_.size() - 1); }
   size_t home(const Uuid& u) const { return home_of(hash(u)); }
-  static uint8_t tag_of(size_t h) { return static_cast<uint8_t>(1 + (h >> 56) % 255); }
+  static uint8_t tag_of(size_t h) {
+    return static_cast<uint8_t>(1 + (h >> (8 * sizeof(size_t) - 8)) % 255);  // the top byte
+  }
   size_t next(size_t i) const { return (i + 1) & (keys_.size() - 1); }
 
   size_t find(const Uuid& u) const {

@@ -9,6 +9,10 @@
 int main(int argc, char** argv) {
   const long ops = argc > 1 ? std::atol(argv[1]) : 2'000'000;
   const int threads = argc > 2 ? std::atoi(argv[2]) : 1;
+  if (ops < 1 || threads < 1 || threads > 64) {
+    std::fprintf(stderr, "usage: bench_core [ops >= 1] [threads 1..64]\n");
+    return 2;
+  }
   auto r = kvsched::bench::run_core_bench(ops, threads);
   // 3 API calls per op plus create/remove amortised over 4 ops: 3.5 calls per op.
   std::printf("{\"ops\": %ld, \"threads\": %d, \"seconds\": %.6f, \"core_ops_per_s\": %.1f, "

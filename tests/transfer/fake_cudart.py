@@ -433,7 +433,8 @@ class FakeDriver:
             n = (ctypes.c_size_t * count).from_address(sizes)
             if self.fail_at:
                 error, index = self.fail_at.pop(0)
-                fail_idx[0] = index
+                if index is not None:  # None: an error the driver ties to no copy
+                    fail_idx[0] = index
                 return int(error)
             for i in range(count):
                 ctypes.memmove(d[i], s[i], n[i])

@@ -90,6 +90,18 @@ def test_cuda_engine_simulation_orders_copies_on_the_gpu(monkeypatch):
         return job
 
     monkeypatch.setattr(TransferEngine, "submit", spy)
+    # The forward thread (this one) must not wait for a copy on the CPU during the iterations; it
+    # waits for the last stores once the loop is over (the drain).
+    from kvsched.transfer.job import TransferJob
+
+    forward, real_wait = threading.get_ident(), TransferJob.wait
+
+    def wait_spy(self, *args, **kwargs):
+        if threading.get_ident() == forward:
+            log.append(("cpu_wait", self.kind))
+        return real_wait(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransferJob, "wait", wait_spy)
     result = run_engine(cfg)
     assert drv.errors == []
     assert result["failed_ops"] == 0 and result["errors"] == []
@@ -111,12 +123,16 @@ def test_cuda_engine_simulation_orders_copies_on_the_gpu(monkeypatch):
     loads = [(job, ev) for job, ev in jobs if job.kind == "h2d"]
     stores = [(job, ev) for job, ev in jobs if job.kind == "d2h"]
     assert len(loads) == len(stores) == layers * iterations * requests
-    # Loads need no compute event; each store carries one of the layer events, and each layer's
-    # event gates exactly that layer's stores (one per request).
+    # Loads need no compute event; each store carries the event recorded after its own layer of
+    # its own iteration (recorded in order: iteration 1 layers 0..L-1, then iteration 2, ...).
     assert all(ev is None for _, ev in loads)
-    store_events = [int(ev) for _, ev in stores]
-    assert sorted(set(store_events)) == sorted(recorded)
-    assert all(store_events.count(e) == requests for e in recorded)
+    for job, ev in stores:
+        it = int(job.request_id.rsplit("-it", 1)[1])
+        (layer,) = job.plan.layer_list
+        assert int(ev) == recorded[(it - 1) * layers + layer], (job.request_id, layer)
+    cpu_waits = [i for i, e in enumerate(events) if e[0] == "cpu_wait"]
+    last_sync = max(i for i, e in enumerate(events) if e[0] == "sync")
+    assert cpu_waits and min(cpu_waits) > last_sync, "the forward thread waited for a copy mid-run"
     # The copy stream was told to wait on those events before copying (on the GPU).
     assert set(recorded) <= {event for _, event in rt.waits}
     # The compute stream is told to wait for each layer's loads before that layer's kernel: in the

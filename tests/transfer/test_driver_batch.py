@@ -85,13 +85,15 @@ def test_copier_passes_c_arrays_and_reports_the_failed_copy(fake, driver):
         if kind == "list":
             srcs, dsts, sizes = srcs.tolist(), dsts.tolist(), sizes.tolist()
         (d, dk), (s, sk), (n, nk) = c_array(dsts), c_array(srcs), c_array(sizes)
-        assert copier(d, s, n, 64, stream) == (0, 0)
+        assert copier(d, s, n, 64, stream)[0] == 0
         for k in range(64):
             assert np.array_equal(dst[order[::-1][k] : order[::-1][k] + 64], src[order[k] : order[k] + 64])
-        assert copier(d + 8 * 60, s + 8 * 60, n + 8 * 60, 4, stream) == (0, 0)  # a chunk: the last 4
+        assert copier(d + 8 * 60, s + 8 * 60, n + 8 * 60, 4, stream)[0] == 0  # a chunk: the last 4
         assert driver.batches[-2:] == [64, 4]
     driver.fail_at.append((CUresult.CUDA_ERROR_ILLEGAL_ADDRESS, 17))
     assert copier(d, s, n, 64, stream) == (700, 17)
+    driver.fail_at.append((CUresult.CUDA_ERROR_INVALID_VALUE, None))  # the driver writes no index
+    assert copier(d, s, n, 64, stream) == (1, 2**64 - 1)
     assert copier.error_name(700).startswith("CUDA_ERROR_ILLEGAL_ADDRESS")
     with pytest.raises(ValueError, match="1-D integer"):
         c_array(np.zeros((2, 2), dtype=np.int64))
@@ -176,6 +178,7 @@ def test_a_thread_without_a_current_context_binds_it_and_retries(engine, fake, d
     t = threading.Thread(target=submit_from_new_thread)
     t.start()
     t.join(10)
+    assert not t.is_alive() and results, "the submitting thread did not finish"
     h, job = results[0]
     assert job.wait(10) and h.completed  # bound before its first batch
     driver.drop_context()  # another library switched contexts behind our back
@@ -266,3 +269,39 @@ def test_cuda_transfer_bench_runs_on_the_stand_ins(fake):
             assert r[key] > 0
         assert 0 < r["copies"] <= r["blocks"] * (2 if r["direction"] == "both" else 1)  # runs merge
     assert "lists GB/s" in format_table(result)
+
+
+def test_cuda_transfer_bench_catches_a_path_that_copies_nothing(fake, monkeypatch):
+    """The byte-exact check looks at kvsched's own copy: other methods write the same buffers."""
+    from kvsched.transfer.bench import run_transfer_bench
+    from kvsched.transfer.cuda import CudaBackend
+
+    # Broken only once the engine is built: its self-test would catch it and fall back.
+    real = CudaBackend._setup_batch
+
+    def setup_then_break(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        self._launch_driver = lambda *a: None
+        return result
+
+    monkeypatch.setattr(CudaBackend, "_setup_batch", setup_then_break)
+    with pytest.raises(RuntimeError, match=r"not byte-exact"):
+        run_transfer_bench(backend="cuda", block_sizes=[4096], total_bytes=1 << 18, repeats=1,
+                           directions=["h2d"], runtime=fake, driver=FakeDriver(fake),
+                           poll_interval=(1e-5, 1e-4))
+
+
+@pytest.mark.parametrize("fail_index,where", [(1, " (copy 1)"), (2**64 - 1, ""), (None, "")])
+def test_bindings_path_names_the_failed_copy_only_when_there_is_one(engine, fake, make_handle,
+                                                                   fail_index, where):
+    """cuda-bindings 12.8/12.9 return (err, failIdx), SIZE_MAX when no one copy failed; 13 (err,)."""
+    from fake_cudart import cudaError_t
+
+    eng = engine(batch="bindings")
+    host = pinned_empty((1, 64, 32), runtime=fake)
+    dev = BlockPool.from_array(DeviceBuffer((1, 64, 32), runtime=fake))
+    result = (cudaError_t.cudaErrorInvalidValue,) + (() if fail_index is None else (fail_index,))
+    fake.cudaMemcpyBatchAsync = lambda *args: result
+    h = make_handle()
+    assert eng.submit(h, BlockPool.from_array(host), dev, [[0, 0], [2, 2], [4, 4]]).wait(10) and h.failed
+    assert f"cudaMemcpyBatchAsync failed{where}: cudaErrorInvalidValue" in h.error_text

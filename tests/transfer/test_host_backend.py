@@ -501,3 +501,15 @@ def test_with_reference_scheduler(rng):
 def _fail_if(job, bad_uuid):
     if job.uuid == bad_uuid:
         raise RuntimeError("injected failure")
+
+
+def test_host_transfer_bench_checks_its_own_copy(monkeypatch):
+    """The benchmark's byte-exact check looks at kvsched's copy, not at the per-block loop's,
+    which wrote the same destination: a path that copies nothing is caught."""
+    from kvsched.transfer import bench, host
+
+    result = bench.run_transfer_bench(backend="host", block_sizes=[4096], total_bytes=1 << 18, repeats=1)
+    assert result["rows"][0]["kvsched_gbps"] > 0
+    monkeypatch.setattr(host, "_copy", lambda plan, part: None)
+    with pytest.raises(RuntimeError, match="not byte-exact"):
+        bench.run_transfer_bench(backend="host", block_sizes=[4096], total_bytes=1 << 18, repeats=1)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                        compute_per_layer_s=args.compute_ms / 1e3, backend=backend,
                        pin=not args.no_pin)
     if backend == "cuda":
-        modes = ["gpu"]  # a kernel on a compute stream (bench/gpu_compute.py); --compute is for host
+        modes = ["gpu"]  # a kernel on a compute stream (kvsched/bench/gpu_compute.py); --compute is for host
     else:
         modes = ["spin", "sleep"] if args.compute == "both" else [args.compute]
     # The engine passes likewise: redrawn between passes only.

@@ -114,7 +114,9 @@ class _LayerLoads:
     def wait(self, timeout: float = 30, gpu: Any = None) -> None:  # forward thread: wait_for_layer_load
         """Until the layer's loads have landed; with ``gpu``, until they are submitted, and the
         compute stream waits for the copies on the GPU."""
-        self.submitted.wait(timeout)
+        if not self.submitted.wait(timeout):
+            raise TimeoutError(f"{len(self.jobs)} of {self.expected} loads of a layer were submitted "
+                               f"within {timeout} s (see the executor's and planner's errors)")
         for job in self.jobs:
             if job is not None:
                 if gpu is not None:
@@ -127,8 +129,9 @@ class _Executor:
     """Takes decided handles from the scheduler and submits their copies, on the polling thread."""
 
     def __init__(self, sched: Scheduler, engine: TransferEngine, ops: dict[uuid.UUID, _Op],
-                 loads: dict[tuple[int, int], _LayerLoads]) -> None:
+                 loads: dict[tuple[int, int], _LayerLoads], gpu_ordered: bool = False) -> None:
         self.sched, self.engine, self.ops, self.loads = sched, engine, ops, loads
+        self.gpu_ordered = gpu_ordered  # stores must carry their layer's compute-stream event
         self.jobs: list[Any] = []
         self.all_submitted = threading.Event()
         if not ops:
@@ -156,8 +159,10 @@ class _Executor:
                     self.handoff_us.append((time.perf_counter() - marked) * 1e6)
                 job = None
                 if h.decision == Decision.EXECUTE:
-                    event = None if op.load else self.layer_events.get((op.iteration, op.layer))
                     try:
+                        # A missing event is a bug that would let a store read its blocks early:
+                        # the KeyError fails the op instead.
+                        event = self.layer_events[op.iteration, op.layer] if self.gpu_ordered and not op.load else None
                         job = submit(h, src=op.src, dst=op.dst, pairs=op.pairs, layers=[op.layer],
                                      compute_event=event)
                     except Exception as exc:  # queue full or a bug: fail the op, never lose it
@@ -317,7 +322,7 @@ def _run_pass_on(cfg: EngineConfig, compute: bool, transfer: bool, stream: Any) 
             cores.for_transfer_threads()
         with Scheduler(max_inflight=cfg.max_inflight, num_layers=cfg.layers) as sched, \
                 TransferEngine(sched, backend=cfg.backend, **cfg.transfer_options) as engine:
-            ex = _Executor(sched, engine, ops, loads)
+            ex = _Executor(sched, engine, ops, loads, gpu_ordered=stream is not None)
             planner = _Planner(sched, plans)
             if cores:
                 cores.for_forward_thread()

@@ -19,6 +19,7 @@ import ctypes
 from typing import Any
 
 from ..transfer.cudart import check, load_runtime
+from ..transfer.driver_batch import driver_error_name
 from ..transfer.errors import CudaError
 
 __all__ = ["GpuCompute", "SPIN_PTX"]
@@ -51,26 +52,40 @@ $L_spin:
 
 class GpuCompute:
     """A compute stream running timed "layers". Create and use it on one thread (the forward
-    thread); :meth:`close` releases the stream, events and module."""
+    thread); :meth:`close` releases the stream, events and module. Events live until close:
+    a pass makes three per layer (start and end for the timeline, one for the layer's stores)."""
 
-    def __init__(self, device: int = 0) -> None:
+    def __init__(self, device: int | None = None) -> None:
+        """``device``: the GPU (default: the calling thread's current one, as TransferEngine's)."""
         from cuda.bindings import driver
 
         self._rt, self._drv = load_runtime(), driver
         rt = self._rt
-        self.device = device
-        check(rt, rt.cudaSetDevice(device), "cudaSetDevice")
-        # The driver API has no implicit context: make the device's primary context (the one the
-        # runtime and the transfer engine's streams use) current on this thread.
-        check(rt, rt.cudaFree(0), "cudaFree(0)")
-        image = ctypes.create_string_buffer(SPIN_PTX)  # NUL-terminated, as cuModuleLoadData wants
-        self._module = self._check(driver.cuModuleLoadData(image), "cuModuleLoadData (the spin kernel's PTX)")
-        self._kernel = self._check(driver.cuModuleGetFunction(self._module, b"kvsched_spin_ns"),
-                                   "cuModuleGetFunction")
-        self.stream = check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        previous = int(check(rt, rt.cudaGetDevice(), "cudaGetDevice"))
+        self.device = previous if device is None else int(device)
         self._all: list[Any] = []      # every event made, destroyed by close()
         self._spans: list[tuple[Any, Any]] = []  # timing events around each layer of this pass
         self._origin: Any = None
+        self._module: Any = None
+        self.stream: Any = None
+        try:
+            check(rt, rt.cudaSetDevice(self.device), "cudaSetDevice")
+            # The driver API has no implicit context: make the device's primary context (the one
+            # the runtime and the transfer engine's streams use) current on this thread.
+            check(rt, rt.cudaFree(0), "cudaFree(0)")
+            image = ctypes.create_string_buffer(SPIN_PTX)  # NUL-terminated, as cuModuleLoadData wants
+            self._module = self._check(driver.cuModuleLoadData(image), "cuModuleLoadData (the spin kernel's PTX)")
+            self._kernel = self._check(driver.cuModuleGetFunction(self._module, b"kvsched_spin_ns"),
+                                       "cuModuleGetFunction")
+            self.stream = check(rt, rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking),
+                                "cudaStreamCreateWithFlags")
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            # Launches and records name the stream, which carries its device: the caller's
+            # current device can stay what it was.
+            rt.cudaSetDevice(previous)
 
     # ------------------------------------------------------------------------------ per layer
 
@@ -124,15 +139,21 @@ class GpuCompute:
     # ------------------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
+        """Wait for the stream, then release it, the events and the kernel's module. Idempotent."""
         rt = self._rt
         try:
-            rt.cudaStreamSynchronize(self.stream)
+            if self.stream is not None:
+                rt.cudaStreamSynchronize(self.stream)
         finally:
             for event in self._all:
                 rt.cudaEventDestroy(event)
             self._all, self._spans = [], []
-            rt.cudaStreamDestroy(self.stream)
-            self._drv.cuModuleUnload(self._module)
+            if self.stream is not None:
+                rt.cudaStreamDestroy(self.stream)
+                self.stream = None
+            if self._module is not None:
+                self._drv.cuModuleUnload(self._module)
+                self._module = None
 
     def __enter__(self) -> "GpuCompute":
         return self
@@ -146,13 +167,24 @@ class GpuCompute:
         return self._new_event(self._rt.cudaEventDefault)
 
     def _new_event(self, flags: Any) -> Any:
-        event = check(self._rt, self._rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        # An event belongs to the device current when it is made: this stream's, for the caller's
+        # current device may be another.
+        rt = self._rt
+        current = int(check(rt, rt.cudaGetDevice(), "cudaGetDevice"))
+        if current != self.device:
+            check(rt, rt.cudaSetDevice(self.device), "cudaSetDevice")
+        try:
+            event = check(rt, rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        finally:
+            if current != self.device:
+                rt.cudaSetDevice(current)
         self._all.append(event)
         return event
 
     def _check(self, result: Any, what: str) -> Any:
+        """The payload of a driver call's result tuple, or CudaError naming the call and error."""
         result = result if isinstance(result, tuple) else (result,)
         if int(result[0]) != 0:
-            name = getattr(result[0], "name", None) or f"CUresult {int(result[0])}"
-            raise CudaError(f"{what} failed: {name}", code=int(result[0]), name=name)
+            text = driver_error_name(self._drv, int(result[0]))
+            raise CudaError(f"{what} failed: {text}", code=int(result[0]), name=text.split(" ", 1)[0])
         return result[1] if len(result) == 2 else None

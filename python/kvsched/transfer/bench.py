@@ -75,7 +75,13 @@ def run_transfer_bench(
             bench: Any = _HostBench(engine, repeats, seed)
             dirs = ["h2h"]
         else:
-            bench = _CudaBench(engine, repeats, seed, _bindings_engine(engine, engine_options))
+            lists_engine = _bindings_engine(engine, engine_options)
+            try:
+                bench = _CudaBench(engine, repeats, seed, lists_engine)
+            except BaseException:
+                if lists_engine is not None:
+                    lists_engine.close(timeout=60)
+                raise
             dirs = list(directions or ("h2d", "d2h", "both"))
         rows = []
         for size in block_sizes:
@@ -247,6 +253,9 @@ class _HostBench:
             return elapsed
 
         best = _best_of(self.repeats, peak=peak, ours=ours, loop=loop)
+        # Every method wrote the same destination: clear it and check kvsched's copy alone.
+        dst.fill(0)
+        ours()
         if not np.array_equal(dst[0, pairs[:, 1]], src[0, pairs[:, 0]]):
             raise RuntimeError("bench copy is not byte-exact")
         return _row(
@@ -365,14 +374,21 @@ class _CudaBench:
         if self.bindings_engine is not None:
             methods["bindings"] = lambda: through(self.bindings_engine, False)
         best = _best_of(self.repeats, **methods)
-        if "h2d" in legs:
-            back = pinned_empty((1, n, size), runtime=rt)
-            check(rt, rt.cudaMemcpy(int(back.ctypes.data), dev_a.ptr, n * size, self.kind), "cudaMemcpy")
-            if not np.array_equal(back[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
-                raise RuntimeError("bench H2D copy is not byte-exact")
-        if "d2h" in legs:
-            if not np.array_equal(host_b[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
-                raise RuntimeError("bench D2H copy is not byte-exact")
+        # Every method wrote the same destinations: clear them, then check each engine's copy alone.
+        zeros = pinned_empty((1, n, size), runtime=rt)
+        zeros[:] = 0
+        back = pinned_empty((1, n, size), runtime=rt)
+        engines = [("kvsched", self.engine)] + ([("lists", self.bindings_engine)] if "bindings" in methods else [])
+        for name, engine in engines:
+            check(rt, rt.cudaMemcpy(dev_a.ptr, int(zeros.ctypes.data), n * size, self.kind), "cudaMemcpy")
+            host_b[:] = 0
+            through(engine, False)
+            if "h2d" in legs:
+                check(rt, rt.cudaMemcpy(int(back.ctypes.data), dev_a.ptr, n * size, self.kind), "cudaMemcpy")
+                if not np.array_equal(back[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
+                    raise RuntimeError(f"bench H2D copy ({name}) is not byte-exact")
+            if "d2h" in legs and not np.array_equal(host_b[0, pairs[:, 1]], host_a[0, pairs[:, 0]]):
+                raise RuntimeError(f"bench D2H copy ({name}) is not byte-exact")
         nbytes_all = nbytes * len(legs)
         extra = {}
         if "bindings" in best:  # the same engine batching through cuda-bindings' Python lists

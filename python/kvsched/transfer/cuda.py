@@ -17,8 +17,8 @@ Design (SPEC section 4):
 * **Coalescing and batching.** Runs of consecutive blocks are one copy per (layer, piece)
   (:mod:`kvsched.transfer.plan`). Many copies go to the driver in one batched call (CUDA >= 12.8)
   when a self-test at start-up passed, tried in this order (:attr:`CudaBackend.batch_mode`):
-  ``"driver"``: ``cuMemcpyBatchAsync`` called through ctypes with the plan's numpy arrays as its
-  C arrays (:mod:`kvsched.transfer.driver_batch`; no Python object per copy); ``"bindings"``:
+  ``"driver"``: ``cuMemcpyBatchAsync`` called through ctypes with C arrays of the copies'
+  addresses and sizes (:mod:`kvsched.transfer.driver_batch`; no Python object per copy); ``"bindings"``:
   cuda-bindings' ``cudaMemcpyBatchAsync``, which converts three Python lists (300-430 ns per copy
   on the submitting thread); ``"loop"``: one ``cudaMemcpyAsync`` per copy. A job's copies go out
   in chunks that start small and double up to ``batch_chunk``, so the copy engine starts on the
@@ -149,7 +149,8 @@ class CudaBackend:
         self._batch_attrs: list[Any] = []
         self._copier: DriverBatchCopier | None = None
         self._bound_threads = threading.local()  # threads whose CUDA context is known current
-        self.batch_mode, self.batch_reason = self._setup_batch(batch, driver, injected=runtime is not None)
+        self.batch_mode = "loop"  # set by _setup_batch: "driver", "bindings" or "loop"
+        self.batch_reason = self._setup_batch(batch, driver, injected=runtime is not None)
         self.batch_enabled = self.batch_mode != "loop"
         self._reaper = threading.Thread(target=self._reap, name="kvsched-cuda-reaper", daemon=True)
         self._reaper.start()
@@ -298,13 +299,9 @@ class CudaBackend:
             if int(res[0]) != 0:
                 check(rt, res, "cudaMemcpyAsync")
 
-    def _launch_batched(
-        self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]] | None = None
-    ) -> None:
+    def _launch_batched(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
         """Queue the copies ``srcs[i] -> dsts[i]`` of ``sizes[i]`` bytes (lists of ints or integer
         numpy arrays) on ``stream`` in batch calls bounded by ``chunks``."""
-        if chunks is None:
-            chunks = _chunk_bounds(len(dsts), self.batch_chunk)
         if self.batch_mode == "driver":
             self._launch_driver(dsts, srcs, sizes, stream, chunks)
         else:
@@ -345,7 +342,9 @@ class CudaBackend:
             # CUDA 12.8/12.9 bindings return (err, failIdx); CUDA 13 dropped failIdx: (err,).
             res = rt.cudaMemcpyBatchAsync(d, s, n, len(d), attrs, [0], 1, stream)
             if int(res[0]) != 0:
-                where = f" (copy {start + int(res[1])})" if len(res) > 1 and res[1] is not None else ""
+                # failIdx (CUDA 12.8/12.9 bindings only) is SIZE_MAX when no one copy failed.
+                failed = int(res[1]) if len(res) > 1 and res[1] is not None else len(d)
+                where = f" (copy {start + failed})" if failed < len(d) else ""
                 raise CudaError(
                     f"cudaMemcpyBatchAsync failed{where}: {error_name(rt, res[0])}",
                     code=int(res[0]),
@@ -498,11 +497,11 @@ class CudaBackend:
                 log.info("kvsched: page-locked %d bytes of a host pool for cuda:%d", size, self.device)
         pool._cache[key] = True
 
-    def _setup_batch(self, batch: bool | str, driver: Any, *, injected: bool) -> tuple[str, str]:
-        """Pick the batch mode: "driver", else "bindings", else "loop" (see the module docstring).
-        Each batched mode must pass a self-test on this device before it is used."""
+    def _setup_batch(self, batch: bool | str, driver: Any, *, injected: bool) -> str:
+        """Set :attr:`batch_mode` to "driver", else "bindings", else "loop" (see the module
+        docstring) and return why. Each batched mode must pass a self-test on this device first."""
         if batch is False or batch == "off":
-            return "loop", "disabled (batch=False)"
+            return "disabled (batch=False)"
         if batch not in (True, "auto", "on", "driver", "bindings"):
             raise InvalidArgumentError(
                 f"batch must be 'auto', True, False, 'driver' or 'bindings', got {batch!r}")
@@ -529,13 +528,13 @@ class CudaBackend:
                     continue
                 what = "cuMemcpyBatchAsync from C arrays" if mode == "driver" else "cudaMemcpyBatchAsync"
                 why = f" (not {'; not '.join(reasons)})" if reasons else ""
-                return mode, f"{what}, self-test passed{why}"
+                return f"{what}, self-test passed{why}"
         self.batch_mode = "loop"
         reason = "; ".join(reasons)
         if batch != "auto":
             raise CudaError(f"batch={batch!r} but batched copies are unusable: {reason}")
         log.info("kvsched: cuda backend copies one cudaMemcpyAsync per run: %s", reason)
-        return "loop", reason
+        return reason
 
     def _prepare_driver(self, driver: Any, injected: bool) -> None:
         if driver is None:
@@ -581,8 +580,9 @@ class CudaBackend:
             dev.free()
 
 
-# Jobs of at most this many copies get their addresses as Python lists (CopyPlan.segment_lists):
-# measured, lists are cheaper up to the 64 pairs a plan keeps as lists, numpy beyond.
+# Jobs of at most this many copies (layers x pieces x runs) get their addresses as Python lists
+# (CopyPlan.segment_lists); measured with one layer and piece, lists were cheaper up to 64 copies
+# and numpy beyond.
 _LIST_SEGMENTS = 64
 
 

@@ -3,8 +3,9 @@
 Why not cuda-bindings' ``cudaMemcpyBatchAsync``: it takes Python lists and converts every element
 to a C integer on the submitting thread, 300-430 ns per copy (``bench/batch_args_cost.py``), a
 quarter of the copy engine's time for a 64 KiB block and several times it for a 4 KiB block. Here
-the destinations, sources and sizes stay in the numpy arrays the planner built, and the driver
-reads them in place: the Python cost is one foreign call per batch, whatever its length.
+the destinations, sources and sizes are C arrays of 64-bit integers (:func:`c_array`: the int64
+numpy arrays of a large plan, used in place, or an ``array.array`` made from the lists of a small
+one), and the driver reads them: the Python cost is one foreign call per batch, whatever its length.
 
 The function pointer comes from the driver itself (``cuGetProcAddress``, through cuda-bindings'
 driver module) at the CUDA 12.8 ABI: ``cuMemcpyBatchAsync`` has the ``failIdx`` argument there;
@@ -27,13 +28,23 @@ import numpy as np
 
 from kvsched.transfer.errors import CudaError
 
-__all__ = ["DriverBatchCopier", "c_array", "CUmemLocation", "CUmemcpyAttributes", "BATCH_PROTOTYPE", "ABI_VERSION"]
+__all__ = [
+    "DriverBatchCopier",
+    "c_array",
+    "driver_error_name",
+    "is_invalid_context",
+    "CUmemLocation",
+    "CUmemcpyAttributes",
+    "BATCH_PROTOTYPE",
+    "ABI_VERSION",
+]
 
 ABI_VERSION = 12080  # the CUDA version whose cuMemcpyBatchAsync prototype is declared below
 _CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1  # the legacy-stream entry point, not the per-thread one
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
 _CUDA_ERROR_INVALID_CONTEXT = 201
+_SIZE_MAX = 2**64 - 1
 
 
 class CUmemLocation(ctypes.Structure):
@@ -67,7 +78,7 @@ BATCH_PROTOTYPE = ctypes.CFUNCTYPE(
 
 
 class DriverBatchCopier:
-    """Calls the driver's ``cuMemcpyBatchAsync`` with the buffers of uint64 numpy arrays.
+    """Calls the driver's ``cuMemcpyBatchAsync`` with C arrays of addresses and sizes.
 
     ``driver`` is cuda-bindings' driver module (``cuda.bindings.driver``) or a stand-in with the
     same ``cuGetProcAddress`` and ``cuGetErrorName``. Raises :class:`CudaError` when the driver has
@@ -103,25 +114,29 @@ class DriverBatchCopier:
 
         ``dsts``, ``srcs`` and ``sizes`` are addresses of C arrays of ``count`` 64-bit integers
         (see :func:`c_array`), alive during the call: the driver has read them when it returns."""
-        fail = ctypes.c_size_t(0)
+        fail = ctypes.c_size_t(_SIZE_MAX)  # stays SIZE_MAX where the driver names no copy
         rc = self._fn(dsts, srcs, sizes, count, ctypes.byref(self._attrs), self._attr_index, 1,
                       ctypes.byref(fail), stream)
         return int(rc), int(fail.value)
 
     def error_name(self, code: int) -> str:
         """``"CUDA_ERROR_X (description)"`` for a ``CUresult``."""
-        drv = self._driver
-        name, desc = f"CUresult {code}", ""
-        try:
-            err, text = drv.cuGetErrorName(drv.CUresult(code))[:2]
-            if int(err) == 0 and text:
-                name = text.decode() if isinstance(text, bytes) else str(text)
-            err, text = drv.cuGetErrorString(drv.CUresult(code))[:2]
-            if int(err) == 0 and text:
-                desc = text.decode() if isinstance(text, bytes) else str(text)
-        except Exception:  # noqa: BLE001 - naming an error must never raise
-            pass
-        return f"{name} ({desc})" if desc else name
+        return driver_error_name(self._driver, code)
+
+
+def driver_error_name(driver: Any, code: int) -> str:
+    """``"CUDA_ERROR_X (description)"`` for a driver ``CUresult``; never raises."""
+    name, desc = f"CUresult {code}", ""
+    try:
+        err, text = driver.cuGetErrorName(driver.CUresult(code))[:2]
+        if int(err) == 0 and text:
+            name = text.decode() if isinstance(text, bytes) else str(text)
+        err, text = driver.cuGetErrorString(driver.CUresult(code))[:2]
+        if int(err) == 0 and text:
+            desc = text.decode() if isinstance(text, bytes) else str(text)
+    except Exception:  # noqa: BLE001 - naming an error must never raise
+        pass
+    return f"{name} ({desc})" if desc else name
 
 
 def c_array(values: Any) -> tuple[int, Any]:

@@ -57,8 +57,9 @@ class TransferEngine:
     * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
       by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
     * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
-      stream, default 512), ``batch`` ("auto"/True/False, or "driver"/"bindings" to require one
-      way of batching; see :mod:`kvsched.transfer.cuda`),
+      stream, default 512), ``batch`` ("auto"; True or "on" to require batched copies; False or
+      "off" for one cudaMemcpyAsync per copy; "driver" or "bindings" to require one way of
+      batching; see :mod:`kvsched.transfer.cuda`),
       ``batch_chunk`` (most copies per batch call), ``auto_pin`` (page-lock host pools on first
       use), ``poll_interval`` ((min, max) seconds between reaper polls), ``runtime`` and
       ``driver`` (cuda-bindings' runtime and driver modules, or stand-ins for tests; with an
