@@ -75,7 +75,7 @@ def test_cuda_engine_simulation_orders_copies_on_the_gpu(monkeypatch):
     log: list = []
     layers, iterations, requests = 3, 4, 2
     cfg = EngineConfig(layers=layers, iterations=iterations, requests=requests, blocks_per_layer=2,
-                       block_bytes=4096, compute_per_layer_s=0.002, backend="cuda", compute="gpu",
+                       block_bytes=4096, compute_per_layer_s=0.002, backend="cuda", compute="gpu", rounds=1,
                        transfer_options={"runtime": rt, "driver": drv, "poll_interval": (1e-5, 1e-4)},
                        gpu_factory=lambda: RecordingCompute(rt, log))
     # Every job the executor submits, with the compute_event it was given.

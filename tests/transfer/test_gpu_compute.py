@@ -111,7 +111,7 @@ def test_cuda_engine_simulation_runs(gpu):
     from kvsched.bench.engine_sim import EngineConfig, run_engine
 
     cfg = EngineConfig(layers=4, iterations=4, requests=2, compute_per_layer_s=0.002,
-                       backend="cuda", compute="gpu")
+                       backend="cuda", compute="gpu", rounds=1)
     result = run_engine(cfg)
     assert result["failed_ops"] == 0 and result["errors"] == []
     assert result["ops"] == 2 * 4 * 4 * 2

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     cfg = EngineConfig(layers=args.layers, iterations=args.iterations or (4 if quick else 24),
                        requests=args.requests, block_bytes=args.block_kib * 1024,
                        compute_per_layer_s=args.compute_ms / 1e3, backend=backend,
-                       pin=not args.no_pin)
+                       pin=not args.no_pin, rounds=1 if quick else 3)
     if backend == "cuda":
         modes = ["gpu"]  # a kernel on a compute stream (kvsched/bench/gpu_compute.py); --compute is for host
     else:

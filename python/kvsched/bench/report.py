@@ -72,6 +72,8 @@ def _engine_table(e: dict[str, Any], console: Console) -> None:
     t.add_row("transfers only (s)", f"{e['transfer_s']:.3f}")
     t.add_row("both (s)", f"{e['wall_s']:.3f}")
     t.add_row("transfer time hidden, whole run", f"{100 * e['hidden_fraction']:.0f} %")
+    if len(e.get("hidden_fraction_per_round", [])) > 1:
+        t.add_row("  each round on its own", " / ".join(f"{100 * f:.0f}" for f in e["hidden_fraction_per_round"]) + " %")
     if "steady_hidden_fraction" in e:
         t.add_row(f"transfer time hidden, steady state (iterations 2..{e['iterations'] - 1})",
                   f"{100 * e['steady_hidden_fraction']:.0f} %")
