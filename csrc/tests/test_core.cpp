@@ -154,12 +154,17 @@ void unit_cancel_remove_reuse() {
 // many random orders: backward-shift deletion must never lose or invent a member.
 void unit_removed_uuids() {
   std::mt19937_64 rng(7);
-  for (size_t cap : {0, 1, 2, 3, 7, 8, 9, 31, 100}) {
+  // (capacity, distinct uuids drawn from): small pools collide and re-add often; the large ones
+  // grow the table through several rehashes.
+  struct Case { size_t cap; uint64_t pool_lo; };
+  for (Case cs : {Case{0, 64}, Case{1, 64}, Case{2, 64}, Case{3, 64}, Case{7, 64}, Case{8, 64},
+                  Case{9, 64}, Case{31, 64}, Case{100, 64}, Case{1000, 2048}, Case{5000, 4096}}) {
+    const size_t cap = cs.cap;
     RemovedUuids set(cap);
     std::deque<Uuid> order;
     std::set<std::pair<uint64_t, uint64_t>> members;
     for (int step = 0; step < 20000; ++step) {
-      const Uuid u{rng() % 3, rng() % 64};
+      const Uuid u{rng() % 3, rng() % cs.pool_lo};
       const bool had = members.count({u.hi, u.lo}) != 0;
       CHECK(set.contains(u) == had);
       size_t forgotten_model = cap == 0 ? 1 : 0;  // capacity 0: forgotten at once
@@ -177,7 +182,7 @@ void unit_removed_uuids() {
       if (kvsched::test::failures()) return;  // a broken table can loop for ever once corrupt
     }
     for (uint64_t hi = 0; hi < 3; ++hi)
-      for (uint64_t lo = 0; lo < 64; ++lo)
+      for (uint64_t lo = 0; lo < cs.pool_lo; ++lo)
         CHECK(set.contains(Uuid{hi, lo}) == (members.count({hi, lo}) != 0));
   }
 }
