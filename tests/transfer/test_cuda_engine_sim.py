@@ -154,3 +154,42 @@ def test_compute_mode_must_match_the_backend():
         run_engine(EngineConfig(backend="host", compute="gpu"))
     with pytest.raises(ValueError, match="GPU kernel"):
         run_engine(EngineConfig(backend="cuda", compute="spin"))
+
+
+def test_cuda_results_render_as_table_json_and_plot(tmp_path):
+    """kvsched-bench's report of a cuda run (the "lists" column, the GPU idle time between layers,
+    no pinning row), from results made on the stand-ins."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from kvsched.bench import scheduler_bench
+    from kvsched.bench.report import print_report, write_json, write_plot
+    from kvsched.transfer.bench import run_transfer_bench, transfer_summary
+
+    rt = FakeRuntime(not_ready_polls=1)
+    options = {"runtime": rt, "driver": FakeDriver(rt), "poll_interval": (1e-5, 1e-4)}
+    sched = scheduler_bench.ops_per_second(400, rounds=1)
+    sched["dispatch_latency_us"] = {"p50": 1.0, "p99": 2.0}
+    sched["ops"] = 400
+    tr = run_transfer_bench(backend="cuda", block_sizes=[4096, 65536], total_bytes=1 << 19, repeats=1, **options)
+    log: list = []
+    engine = run_engine(EngineConfig(layers=2, iterations=3, requests=1, blocks_per_layer=2, block_bytes=4096,
+                                     compute_per_layer_s=0.001, backend="cuda", compute="gpu", rounds=1,
+                                     transfer_options=options, gpu_factory=lambda: RecordingCompute(rt, log)))
+    result = {"backend": "cuda", "device": "stand-in", "scheduler": sched,
+              "transfer": {**transfer_summary(tr, 65536), "rows": tr["rows"], "batch_mode": tr["batch_mode"]},
+              "engine": engine}
+    out = io.StringIO()
+    print_report(result, Console(file=out, width=120))
+    text = out.getvalue()
+    assert "batches: driver" in text and "lists" in text
+    assert "GPU idle between layers" in text and "compute: gpu" in text
+    assert "core of its own" not in text  # pinning is a spin-compute matter
+    write_json(result, str(tmp_path / "r.json"))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["engine"]["gpu_idle_between_layers_s"]["with_transfers"] >= 0
+    assert all("bindings_gbps" in row for row in data["transfer"]["rows"])
+    write_plot(result, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 10_000
