@@ -339,16 +339,19 @@ def run_stress(cls, *, n_rids, max_inflight, seed, impl, incarnations=1, close_m
             d = asyncio.run(_await(h))
         woke.append((i, time.monotonic(), d))
 
-    def closer():
-        # mid-flight: once a third to two thirds of the transfer halves went out
-        left = len(all_plans) * (1 - random.Random(seed).uniform(0.33, 0.66))
-        while tq.qsize() > left and time.monotonic() < deadline:
-            time.sleep(0.001)
+    def close_now():
         closed.set()
         at = time.monotonic()
         rec.close(s.close)
         woke.append(("closed_at", at, None))
         stop.set()
+
+    def closer():
+        # mid-flight: once a third to two thirds of the transfer halves went out
+        left = len(all_plans) * (1 - random.Random(seed).uniform(0.33, 0.66))
+        while tq.qsize() > left and time.monotonic() < deadline:
+            time.sleep(0.001)
+        close_now()
 
     ths = [threading.Thread(daemon=True, target=guard(lambda k=k: worker(k)), name=f"W{k}") for k in range(n_w)]
     ths += [threading.Thread(daemon=True, target=guard(lambda k=k: leader(k)), name=f"T{k}") for k in range(n_t)]
@@ -383,11 +386,7 @@ def run_stress(cls, *, n_rids, max_inflight, seed, impl, incarnations=1, close_m
     if not close_midway:
         # what is left is transfer halves whose worker half was refused: close() decides them
         time.sleep(0.05)
-        closed.set()
-        at = time.monotonic()
-        rec.close(s.close)
-        woke.append(("closed_at", at, None))
-        stop.set()
+        close_now()
     producers_done.set()
     for th in ths[n_w + n_t:n_w + n_t + n_e]:   # executors
         th.join(max(deadline - time.monotonic(), 0.1))

@@ -1,13 +1,16 @@
 """Fixtures for the transfer tests: a minimal scheduler handle, so these tests do not depend on
-the scheduler (one test in test_host_backend.py uses the reference model when it exists)."""
+the scheduler (one test in test_host_backend.py uses the reference model when it exists); engines
+on the host backend and on the stand-in CUDA runtime; and the skip for tests that need a GPU."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_cudart import FakeRuntime
 from transfer_helpers import FakeHandle
 
 from kvsched.protocol import Decision
+from kvsched.transfer.cudart import cuda_available
 
 
 @pytest.fixture
@@ -42,3 +45,37 @@ def host_engine():
     for eng in made:
         eng.close(timeout=10)
 
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """Skips the test, with the reason, unless a CUDA device is usable."""
+    ok, reason = cuda_available()
+    if not ok:
+        pytest.skip(f"no usable CUDA device: {reason}")
+    return reason
+
+
+@pytest.fixture
+def fake():
+    """A stand-in CUDA runtime (fake_cudart.py)."""
+    return FakeRuntime()
+
+
+@pytest.fixture
+def cuda_engine(fake):
+    """Factory for cuda-backend engines on the stand-in runtime (``runtime=`` for another one);
+    all are closed at teardown."""
+    from kvsched.transfer.engine import TransferEngine
+
+    made = []
+
+    def factory(runtime=None, **kwargs):
+        kwargs.setdefault("poll_interval", (1e-5, 1e-4))
+        eng = TransferEngine(None, backend="cuda", runtime=runtime or fake, **kwargs)
+        made.append(eng)
+        return eng
+
+    yield factory
+    for eng in made:
+        eng.close(timeout=10)

@@ -17,21 +17,13 @@ import pytest
 from transfer_helpers import FakeHandle, random_pairs
 
 from kvsched.pool import BlockPool
-from kvsched.transfer.cudart import DeviceBuffer, cuda_available, pinned_empty, pinned_zeros
+from kvsched.transfer.cudart import DeviceBuffer, pinned_empty, pinned_zeros
 from kvsched.transfer.engine import TransferEngine
 from kvsched.transfer.errors import TransferQueueFullError
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.gpu]
 
 SLEEP_S = 0.2
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    ok, reason = cuda_available()
-    if not ok:
-        pytest.skip(f"no usable CUDA device: {reason}")
-    return reason
 
 
 @pytest.fixture

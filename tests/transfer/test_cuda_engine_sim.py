@@ -32,7 +32,7 @@ class RecordingCompute:
     def _on_forward_thread(self) -> None:
         assert threading.get_ident() == self.thread, "compute stream used from another thread"
 
-    def start_pass(self) -> None:
+    def start_pass(self, layers: int = 0) -> None:
         self._spans, self._t0 = [], time.perf_counter()
         self.log.append(("start",))
 

@@ -24,26 +24,6 @@ from kvsched.transfer.errors import CudaError, TransferQueueFullError
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def fake():
-    return FakeRuntime()
-
-
-@pytest.fixture
-def cuda_engine(fake):
-    made = []
-
-    def factory(runtime=None, **kwargs):
-        kwargs.setdefault("poll_interval", (1e-5, 1e-4))
-        eng = TransferEngine(None, backend="cuda", runtime=runtime or fake, **kwargs)
-        made.append(eng)
-        return eng
-
-    yield factory
-    for eng in made:
-        eng.close(timeout=10)
-
-
 def _device_pool(rt, layers, n, block_bytes, device=0):
     buf = DeviceBuffer((layers, n, block_bytes), device=device, runtime=rt)
     return buf, BlockPool.from_array(buf)

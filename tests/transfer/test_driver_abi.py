@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from transfer_helpers import c_compiler
 
 from kvsched.transfer.cudart import cuda_available
 
@@ -24,22 +24,18 @@ pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent / "abi"
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     try:
         import cuda.bindings.driver  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"needs cuda-bindings ({exc})")
-    if _compiler() is None:
+    if c_compiler() is None:
         pytest.skip("needs a C compiler to build the stand-in libcuda.so.1")
     if cuda_available()[0]:
         pytest.skip("a real CUDA driver works here: the GPU tests cover these calls")
     lib_dir = tmp_path_factory.mktemp("fake_libcuda")
-    subprocess.run([_compiler(), "-O1", "-shared", "-fPIC", str(HERE / "fake_libcuda.c"), "-o",
+    subprocess.run([c_compiler(), "-O1", "-shared", "-fPIC", str(HERE / "fake_libcuda.c"), "-o",
                     str(lib_dir / "libcuda.so.1")], check=True, capture_output=True, timeout=60)
     env = dict(os.environ, LD_LIBRARY_PATH=f"{lib_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     proc = subprocess.run([sys.executable, str(HERE / "probe.py")], env=env, capture_output=True,

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 import threading
 
 import numpy as np
 import pytest
 from fake_cudart import CUresult, FakeDriver, FakeRuntime
+from transfer_helpers import c_compiler
 
 from kvsched.pool import BlockPool
 from kvsched.transfer.cuda import _chunk_bounds
@@ -26,11 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def fake():
-    return FakeRuntime()
-
-
-@pytest.fixture
 def driver(fake):
     drv = FakeDriver(fake)
     yield drv
@@ -38,19 +33,14 @@ def driver(fake):
 
 
 @pytest.fixture
-def engine(fake, driver):
-    made = []
+def engine(cuda_engine, driver):
+    """cuda_engine with the stand-in driver, so the C-array batch path is the one used."""
 
     def factory(**kwargs):
-        kwargs.setdefault("poll_interval", (1e-5, 1e-4))
         kwargs.setdefault("driver", driver)
-        eng = TransferEngine(None, backend="cuda", runtime=fake, **kwargs)
-        made.append(eng)
-        return eng
+        return cuda_engine(**kwargs)
 
-    yield factory
-    for eng in made:
-        eng.close(timeout=10)
+    return factory
 
 
 def _read(buf: DeviceBuffer) -> np.ndarray:
@@ -210,10 +200,6 @@ def test_fallback_to_the_bindings_then_the_loop(engine, fake, make_handle):
         engine(batch="driver", driver=FakeDriver(fake, has_batch=False))
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
 def _cuda_include() -> str | None:
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root and os.path.exists(os.path.join(root, "include", "cudaTypedefs.h")):
@@ -221,7 +207,7 @@ def _cuda_include() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_cuda_include() is None or _compiler() is None,
+@pytest.mark.skipif(_cuda_include() is None or c_compiler() is None,
                     reason="needs the CUDA toolkit headers (cuda.h) and a C compiler")
 def test_struct_and_prototype_match_cuda_h(tmp_path):
     """The ctypes struct has cuda.h's layout, and the declared prototype is the 12.8 one."""
@@ -239,7 +225,7 @@ def test_struct_and_prototype_match_cuda_h(tmp_path):
         "  return 0;\n}\n"
     )
     exe = tmp_path / "probe"
-    subprocess.run([_compiler(), "-Werror=incompatible-pointer-types", "-I", _cuda_include(), str(probe),
+    subprocess.run([c_compiler(), "-Werror=incompatible-pointer-types", "-I", _cuda_include(), str(probe),
                     "-o", str(exe)], check=True, capture_output=True, timeout=60)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=30).stdout.split()
     assert [int(x) for x in out] == [

@@ -13,20 +13,12 @@ import pytest
 from transfer_helpers import FakeHandle
 
 from kvsched.pool import BlockPool
-from kvsched.transfer.cudart import DeviceBuffer, cuda_available, pinned_empty
+from kvsched.transfer.cudart import DeviceBuffer, pinned_empty
 from kvsched.transfer.engine import TransferEngine
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.gpu]
 
 LAYER_S = 0.2
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    ok, reason = cuda_available()
-    if not ok:
-        pytest.skip(f"no usable CUDA device: {reason}")
-    return reason
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import uuid as _uuid
 
@@ -47,3 +49,8 @@ def random_pairs(rng, n_src: int, n_dst: int, count: int) -> np.ndarray:
     src = rng.integers(0, n_src, size=count)
     dst = rng.permutation(n_dst)[:count]
     return np.stack([src, dst], axis=1).astype(np.int64)
+
+
+def c_compiler() -> str | None:
+    """The system C compiler ($CC, cc or gcc), or None: tests that build C skip without one."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
