@@ -361,7 +361,7 @@ def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler,
     starts: list[float] = []
     load_wait = [0.0] * (cfg.iterations + 1)
     if gpu is not None:
-        gpu.start_pass()
+        gpu.start_pass(cfg.layers * cfg.iterations)  # the pass's events, made before the clock
     t0 = time.perf_counter()
     if transfer:
         planner.onboard(1)  # cold start: nothing computes yet to hide these loads

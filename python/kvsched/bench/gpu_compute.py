@@ -65,6 +65,8 @@ class GpuCompute:
         self.device = previous if device is None else int(device)
         self._all: list[Any] = []      # every event made, destroyed by close()
         self._spans: list[tuple[Any, Any]] = []  # timing events around each layer of this pass
+        self._timing_spare: list[Any] = []  # made by start_pass, never recorded yet
+        self._plain_spare: list[Any] = []
         self._origin: Any = None
         self._module: Any = None
         self.stream: Any = None
@@ -89,10 +91,13 @@ class GpuCompute:
 
     # ------------------------------------------------------------------------------ per layer
 
-    def start_pass(self) -> None:
-        """Forget the previous pass's spans and mark time zero of this one on the stream."""
+    def start_pass(self, layers: int = 0) -> None:
+        """Forget the previous pass's spans, make the events for ``layers`` layers now (so the
+        forward thread does not create them layer by layer), and mark time zero on the stream."""
         self._spans = []
-        self._origin = self._timing_event()
+        self._timing_spare = [self._new_event(self._rt.cudaEventDefault) for _ in range(2 * layers)]
+        self._plain_spare = [self._new_event(self._rt.cudaEventDisableTiming) for _ in range(layers)]
+        self._origin = self._new_event(self._rt.cudaEventDefault)
         check(self._rt, self._rt.cudaEventRecord(self._origin, self.stream), "cudaEventRecord")
 
     def wait_for(self, job: Any) -> None:
@@ -114,10 +119,10 @@ class GpuCompute:
     def record(self) -> Any:
         """An event recorded on the compute stream now (after the layers launched so far): what a
         store of those layers' blocks passes as ``compute_event``."""
-        # A new event each time: a store decided late may still be submitted with it after the
-        # iteration's sync, so re-recording a used event could move what that store waits for.
+        # An event never recorded before: a store decided late may still be submitted with it
+        # after the iteration's sync, so re-recording a used one could move what it waits for.
         rt = self._rt
-        event = self._new_event(rt.cudaEventDisableTiming)
+        event = self._plain_spare.pop() if self._plain_spare else self._new_event(rt.cudaEventDisableTiming)
         check(rt, rt.cudaEventRecord(event, self.stream), "cudaEventRecord")
         return event
 
@@ -147,7 +152,7 @@ class GpuCompute:
         finally:
             for event in self._all:
                 rt.cudaEventDestroy(event)
-            self._all, self._spans = [], []
+            self._all, self._spans, self._timing_spare, self._plain_spare = [], [], [], []
             if self.stream is not None:
                 rt.cudaStreamDestroy(self.stream)
                 self.stream = None
@@ -164,7 +169,7 @@ class GpuCompute:
     # ------------------------------------------------------------------------------ helpers
 
     def _timing_event(self) -> Any:
-        return self._new_event(self._rt.cudaEventDefault)
+        return self._timing_spare.pop() if self._timing_spare else self._new_event(self._rt.cudaEventDefault)
 
     def _new_event(self, flags: Any) -> Any:
         # An event belongs to the device current when it is made: this stream's, for the caller's

@@ -151,7 +151,6 @@ class CudaBackend:
         self._bound_threads = threading.local()  # threads whose CUDA context is known current
         self.batch_mode = "loop"  # set by _setup_batch: "driver", "bindings" or "loop"
         self.batch_reason = self._setup_batch(batch, driver, injected=runtime is not None)
-        self.batch_enabled = self.batch_mode != "loop"
         self._reaper = threading.Thread(target=self._reap, name="kvsched-cuda-reaper", daemon=True)
         self._reaper.start()
 
@@ -160,6 +159,11 @@ class CudaBackend:
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def batch_enabled(self) -> bool:
+        """True when copies go to the driver in batches (``batch_mode`` is not "loop")."""
+        return self.batch_mode != "loop"
 
     def stream(self, kind: str) -> int:
         """Raw handle (int) of the copy stream for ``kind`` ("h2d", "d2h" or "d2d")."""
