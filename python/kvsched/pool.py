@@ -14,6 +14,10 @@ This covers the KV layouts engines use:
   ``block_dim=1``, two pieces (K and V) ``num_blocks * block_stride`` bytes apart
   (:meth:`BlockPool.from_layers`);
 * vLLM FlashInfer / MLA, one tensor per layer ``(num_blocks, ...)``: ``block_dim=0``, one piece;
+* vLLM 0.33's per-layer strided views of one shared buffer ``(num_blocks, heads, tokens,
+  content)``: ``block_dim=0``, one piece; the block stride is the view's real stride (all
+  layers' pages apart in block-outermost layouts) and the dimensions after the block may be
+  permuted in memory (layout LBNHC), as long as a block is one dense byte range;
 * anything else through raw pointers (:meth:`BlockPool.from_pointers`).
 
 Pools never copy or own memory; they keep the source objects referenced so the memory stays alive
@@ -317,9 +321,12 @@ def _block_geometry(info: ArrayInfo, block_dim: int) -> dict[str, Any]:
     shape, strides = info.shape, info.strides
     trailing = c_contiguous_nbytes(shape[block_dim + 1 :], strides[block_dim + 1 :], info.itemsize)
     if trailing is None:
+        trailing = _dense_in_some_order(shape[block_dim + 1 :], strides[block_dim + 1 :], info.itemsize)
+    if trailing is None:
         raise InvalidArgumentError(
-            f"the dimensions after the block dimension must be C-contiguous so each piece is one "
-            f"byte range: shape {shape}, byte strides {strides}, block_dim {block_dim}"
+            f"the dimensions after the block dimension must be C-contiguous (in some order of "
+            f"dimensions) so each piece is one byte range: shape {shape}, byte strides {strides}, "
+            f"block_dim {block_dim}"
         )
     piece_dims = list(zip(shape[:block_dim], strides[:block_dim]))
     offsets = [
@@ -334,6 +341,21 @@ def _block_geometry(info: ArrayInfo, block_dim: int) -> dict[str, Any]:
         "block_stride": strides[block_dim] if shape[block_dim] > 1 else trailing,
         "piece_offsets": offsets or [0],
     }
+
+
+def _dense_in_some_order(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> int | None:
+    """Bytes spanned by dims ``shape`` if, taken in order of decreasing stride, they are
+    C-contiguous, else None.
+
+    vLLM 0.33 registers per-layer strided views of one buffer whose dimensions after the block
+    are permuted in memory (layout LBNHC: a ``(blocks, heads, tokens, content)`` view stored as
+    ``(blocks, tokens, heads, content)``). A block is still one dense byte range; a copy of that
+    range moves the block whatever the order of its elements, since both ends share the layout.
+    """
+    order = sorted(range(len(shape)), key=lambda i: strides[i], reverse=True)
+    return c_contiguous_nbytes(
+        tuple(shape[i] for i in order), tuple(strides[i] for i in order), itemsize
+    )
 
 
 def _check_block_dim(block_dim: Any, ndim: int, *, first: int) -> int:

@@ -1,0 +1,257 @@
+"""``OffloadLeader``: the scheduler side of a host tier, independent of any serving engine.
+
+Per engine step the engine's scheduler asks it three things, in this order:
+
+1. :meth:`lookup`: how many tokens beyond the ones computed locally the tier can supply (the
+   longest prefix of READY blocks, leaving at least one token to compute);
+2. :meth:`plan_load`: once GPU blocks are allocated for those tokens, pin the tier entries
+   and plan the load;
+3. :meth:`plan_stores`: for each scheduled request, the blocks that become full in this step
+   and are not in the tier yet get a host slot and a store;
+
+then :meth:`take_plan` returns the step's :class:`StepPlan` for the workers. The workers'
+:class:`OpReports` come back through :meth:`on_reports`: an operation has ended when every
+worker reported it; a completed store makes its entries hits, a failed one drops them; a
+failed load drops the entries it read, so a request that recomputes is not offered them again.
+
+:meth:`finished` says whether the engine must keep a finished request's GPU blocks (stores of
+it still running) and :meth:`preempted` records a preemption. Not thread-safe: one scheduler
+thread calls it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from kvsched.errors import InvalidArgumentError
+from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec, new_op_id
+from kvsched.offload.tier import HostTier
+
+__all__ = ["OffloadLeader"]
+
+_LOAD, _STORE = 0, 1
+
+
+@dataclass
+class _Op:
+    kind: int
+    req_id: str
+    keys: list[bytes]
+    reports: int = 0
+    failed: int = 0
+
+
+@dataclass
+class _Request:
+    lookup_start: int = 0  # block index the last lookup started from
+    store_cursor: int = 0  # blocks below this were considered for storing
+    ops: set[int] = field(default_factory=set)  # operations not yet reported by every worker
+    async_load: int | None = None  # the async load in flight, if any
+    finished: bool = False
+
+
+class OffloadLeader:
+    """Scheduler side of one host tier of ``capacity`` blocks of ``block_size`` tokens.
+
+    ``layerwise``: loads run during the forward pass (``lookup`` callers report them as
+    synchronous); else asynchronous, between steps. ``world_size``: workers that report each
+    operation."""
+
+    def __init__(self, capacity: int, block_size: int, *, layerwise: bool = False, world_size: int = 1) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise InvalidArgumentError(f"block_size must be an int >= 1, got {block_size!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise InvalidArgumentError(f"world_size must be an int >= 1, got {world_size!r}")
+        self.tier = HostTier(capacity)
+        self.block_size = block_size
+        self.layerwise = bool(layerwise)
+        self.world_size = world_size
+        self._reqs: dict[str, _Request] = {}
+        self._ops: dict[int, _Op] = {}
+        self._plan = StepPlan(host_blocks=capacity)
+        self.stats = {
+            "lookups": 0, "lookup_tokens": 0, "hit_tokens": 0,
+            "loads_planned": 0, "stores_planned": 0, "blocks_load_planned": 0, "blocks_store_planned": 0,
+            "loads_ok": 0, "loads_failed": 0, "stores_ok": 0, "stores_failed": 0, "stores_skipped_full": 0,
+        }
+        self.cpu_s = 0.0  # host CPU time spent in this object's calls (thread time)
+
+    # ------------------------------------------------------------------------------ queries
+
+    def has_request(self, req_id: str) -> bool:
+        return req_id in self._reqs
+
+    def pending_ops(self, req_id: str | None = None) -> int:
+        if req_id is None:
+            return len(self._ops)
+        r = self._reqs.get(req_id)
+        return 0 if r is None else len(r.ops)
+
+    # ------------------------------------------------------------------------------ lookups
+
+    def lookup(self, req_id: str, block_hashes: Sequence[bytes], num_computed_tokens: int, num_tokens: int) -> int:
+        """Tokens beyond ``num_computed_tokens`` (block aligned) the tier can supply: the
+        longest run of READY blocks from there, stopping one token short of ``num_tokens``
+        (the engine computes at least the last token)."""
+        t0 = time.thread_time()
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        limit = max(num_tokens - 1, 0) // bs
+        r = self._reqs.get(req_id)
+        if r is None:
+            r = self._reqs[req_id] = _Request()
+        r.lookup_start = start
+        hits = self.tier.count_hits(block_hashes, start, limit) if limit > start else 0
+        self.stats["lookups"] += 1
+        self.stats["lookup_tokens"] += max(num_tokens - num_computed_tokens, 0)
+        self.cpu_s += time.thread_time() - t0
+        return hits * bs
+
+    def plan_load(self, req_id: str, block_hashes: Sequence[bytes], gpu_block_ids: Sequence[int], num_external_tokens: int) -> LoadSpec | None:
+        """Plan the load of the ``num_external_tokens`` that :meth:`lookup` offered, into the
+        request's GPU blocks (``gpu_block_ids``: all of its blocks, in token order)."""
+        if num_external_tokens <= 0:
+            return None
+        t0 = time.thread_time()
+        r = self._reqs.setdefault(req_id, _Request())
+        bs = self.block_size
+        if num_external_tokens % bs:
+            raise InvalidArgumentError(
+                f"request {req_id!r}: {num_external_tokens} external tokens are not whole blocks of {bs}"
+            )
+        start, n = r.lookup_start, num_external_tokens // bs
+        keys = [bytes(h) for h in block_hashes[start : start + n]]
+        gpu = [int(b) for b in gpu_block_ids[start : start + n]]
+        if len(keys) != n or len(gpu) != n:
+            raise InvalidArgumentError(
+                f"request {req_id!r}: load of blocks {start}..{start + n} but it has "
+                f"{len(block_hashes)} hashes and {len(gpu_block_ids)} GPU blocks"
+            )
+        host = self.tier.pin_for_load(keys)
+        op_id = new_op_id()
+        self._ops[op_id] = _Op(_LOAD, req_id, keys)
+        r.ops.add(op_id)
+        if not self.layerwise:
+            r.async_load = op_id
+        r.store_cursor = max(r.store_cursor, start + n)
+        spec = LoadSpec(op_id, req_id, gpu, host, self.layerwise)
+        self._plan.loads.append(spec)
+        self.stats["loads_planned"] += 1
+        self.stats["blocks_load_planned"] += n
+        self.stats["hit_tokens"] += num_external_tokens
+        self.cpu_s += time.thread_time() - t0
+        return spec
+
+    # ------------------------------------------------------------------------------ stores
+
+    def plan_stores(self, req_id: str, block_hashes: Sequence[bytes], gpu_block_ids: Sequence[int], first_block: int, end_block: int) -> StoreSpec | None:
+        """Plan stores of blocks ``[first_block, end_block)`` (those that became full in this
+        step) that the tier does not hold yet. Blocks without a hash or a GPU block are skipped;
+        when every host slot is pinned the rest of the range is skipped (counted)."""
+        t0 = time.thread_time()
+        r = self._reqs.setdefault(req_id, _Request())
+        begin = max(first_block, r.store_cursor)
+        end = min(end_block, len(block_hashes), len(gpu_block_ids))
+        gpu: list[int] = []
+        host: list[int] = []
+        keys: list[bytes] = []
+        tier = self.tier
+        for i in range(begin, end):
+            key = bytes(block_hashes[i])
+            if key in tier:
+                continue
+            slot = tier.reserve_store(key)
+            if slot is None:  # every slot is pinned by a transfer: try again in a later step
+                self.stats["stores_skipped_full"] += end - i
+                break
+            keys.append(key)
+            gpu.append(int(gpu_block_ids[i]))
+            host.append(slot)
+        r.store_cursor = max(r.store_cursor, end)
+        spec = None
+        if keys:
+            op_id = new_op_id()
+            self._ops[op_id] = _Op(_STORE, req_id, keys)
+            r.ops.add(op_id)
+            spec = StoreSpec(op_id, req_id, gpu, host)
+            self._plan.stores.append(spec)
+            self.stats["stores_planned"] += 1
+            self.stats["blocks_store_planned"] += len(keys)
+        self.cpu_s += time.thread_time() - t0
+        return spec
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def preempted(self, req_id: str) -> None:
+        """The engine freed the request's GPU blocks: workers cancel its undecided operations
+        and fence the running ones before the blocks are reused."""
+        r = self._reqs.get(req_id)
+        if r is not None:
+            r.store_cursor = 0
+            if r.ops:
+                self._plan.preempted.append(req_id)
+
+    def finished(self, req_id: str, aborted: bool = False) -> bool:
+        """The request finished (or was aborted). True: keep its GPU blocks until a worker
+        report names it in :attr:`StepPlan.release` (its stores are still running). A request
+        waiting for an asynchronous load returns False: the engine waits for that load itself."""
+        r = self._reqs.get(req_id)
+        if r is None:
+            return False
+        r.finished = True
+        if aborted and r.ops:
+            self._plan.aborted.append(req_id)
+        if not r.ops:
+            del self._reqs[req_id]
+            return False
+        if r.async_load is not None:
+            return False
+        self._plan.release.append(req_id)
+        return True
+
+    def take_plan(self) -> StepPlan:
+        plan, self._plan = self._plan, StepPlan(host_blocks=self.tier.capacity)
+        return plan
+
+    # ------------------------------------------------------------------------------ reports
+
+    def on_reports(self, reports: OpReports | None) -> list[tuple[str, int, bool]]:
+        """Count the workers' reports; returns ``(req_id, kind, ok)`` for operations that
+        ended on every worker (kind 0 = load, 1 = store)."""
+        if not reports:
+            return []
+        t0 = time.thread_time()
+        ended = []
+        for op_id, (n, failed) in reports.ops.items():
+            op = self._ops.get(op_id)
+            if op is None:
+                continue
+            op.reports += n
+            op.failed += failed
+            if op.reports < self.world_size:
+                continue
+            del self._ops[op_id]
+            ok = op.failed == 0
+            if op.kind == _LOAD:
+                self.tier.end_load(op.keys, ok)
+                self.stats["loads_ok" if ok else "loads_failed"] += 1
+            else:
+                for k in op.keys:
+                    self.tier.end_store(k, ok)
+                self.stats["stores_ok" if ok else "stores_failed"] += 1
+            ended.append((op.req_id, op.kind, ok))
+            r = self._reqs.get(op.req_id)
+            if r is not None:
+                r.ops.discard(op_id)
+                if r.async_load == op_id:
+                    r.async_load = None
+                if r.finished and not r.ops:
+                    del self._reqs[op.req_id]
+        self.cpu_s += time.thread_time() - t0
+        return ended
+
+    def forget(self, req_id: str) -> None:
+        """Drop a request the engine no longer knows (its operations still count when reported)."""
+        self._reqs.pop(req_id, None)

@@ -1,0 +1,181 @@
+"""OffloadWorker with OffloadLeader on numpy "GPU" pools and the host backend (no engine needed)."""
+
+import numpy as np
+import pytest
+
+from kvsched import BlockPool
+from kvsched.errors import InvalidArgumentError
+from kvsched.offload import OffloadConfig, OffloadLeader, OffloadWorker
+
+L, NB, BS, PAGE = 3, 16, 4, 64  # layers, GPU blocks, tokens per block, bytes per block and layer
+
+
+def make(host_blocks=8, load_mode="async", **engine_options):
+    kv = np.zeros((L, NB, PAGE), dtype=np.uint8)
+    cfg = OffloadConfig.from_dict({"host_bytes": host_blocks * L * PAGE, "load_mode": load_mode, "backend": "host"})
+    w = OffloadWorker(cfg, engine_options=engine_options)
+    w.register(BlockPool.from_array(kv))
+    lead = OffloadLeader(cfg.num_host_blocks(L * PAGE), BS, layerwise=load_mode == "layerwise")
+    return kv, w, lead
+
+
+def step(w, lead, kv=None, writes=(), finished=(), layerwise_wait=False):
+    """One engine step: begin, (layerwise) loads, layers written one by one, end, collect."""
+    plan = lead.take_plan()
+    w.begin_step(plan)
+    if any(s.layerwise for s in plan.loads):
+        w.start_loads()
+    for layer in range(L):
+        if layerwise_wait:
+            w.wait_layer_load(layer)
+        for block, value in writes:
+            kv[layer, block] = value + layer
+        w.layer_done(layer)
+    if not any(s.layerwise for s in plan.loads):
+        w.start_loads()
+    w.end_step()
+    res = w.collect(finished)
+    lead.on_reports(res.reports)
+    return res
+
+
+def settle(w, lead, n=50):
+    out = []
+    for _ in range(n):
+        w.engine.wait_idle(5)
+        res = step(w, lead)
+        out.append(res)
+        if not lead.pending_ops():
+            break
+    return out
+
+
+def test_store_then_load_byte_equal_into_other_blocks():
+    kv, w, lead = make()
+    h = [b"a0", b"a1", b"a2"]
+    lead.plan_stores("r1", h, [0, 1, 2], 0, 3)
+    step(w, lead, kv, writes=[(0, 10), (1, 20), (2, 30)])
+    settle(w, lead)
+    assert lead.tier.count_hits(h) == 3
+    n = lead.lookup("r2", h, 0, 13)
+    assert n == 12
+    lead.plan_load("r2", h, [7, 8, 9], n)
+    res = step(w, lead)
+    results = [res] + settle(w, lead)
+    assert any("r2" in r.finished_recving for r in results)
+    assert not any(r.failed_blocks for r in results)
+    assert (kv[:, 7:10] == kv[:, 0:3]).all() and kv[0, 7, 0] == 10 and kv[2, 9, 0] == 32
+    assert w.scheduler.worker.take_finished() == []
+
+
+def test_store_waits_for_its_layer():
+    kv, w, lead = make()
+    lead.plan_stores("r1", [b"x"], [3], 0, 1)
+    plan = lead.take_plan()
+    w.begin_step(plan)
+    kv[0, 3] = 1
+    w.layer_done(0)
+    w.engine.wait_idle(5)
+    host = w.host_pool
+    assert w.engine.stats()["completed"] == 1  # layer 0 copied, layers 1 and 2 not yet
+    kv[1, 3] = 2
+    kv[2, 3] = 3
+    w.layer_done(2)  # a hook that skipped layer 1: both are marked
+    w.end_step()
+    w.engine.wait_idle(5)
+    res = w.collect()
+    assert res.reports.ops[plan.stores[0].op_id] == [1, 0]
+    slot = plan.stores[0].host_blocks[0]
+    arr = host.owners[0]
+    assert [arr[k, 0, slot, 0] for k in range(L)] == [1, 2, 3]
+
+
+def test_injected_load_failure_reports_blocks_and_drops_entries():
+    fail = {"on": False}
+
+    def hook(job):
+        if fail["on"] and job.kind == "h2h" and job.plan.dst.num_blocks == NB:
+            raise OSError("injected")
+
+    kv, w, lead = make(fault_hook=hook)
+    h = [b"a0", b"a1"]
+    lead.plan_stores("r1", h, [0, 1], 0, 2)
+    step(w, lead, kv, writes=[(0, 1), (1, 2)])
+    settle(w, lead)
+    fail["on"] = True
+    lead.plan_load("r2", h, [5, 6], lead.lookup("r2", h, 0, 9))
+    results = [step(w, lead)] + settle(w, lead)
+    failed = set().union(*(r.failed_blocks for r in results))
+    assert failed == {5, 6}
+    assert any("r2" in r.finished_recving for r in results)
+    assert lead.lookup("r2", h, 0, 9) == 0  # not offered again
+
+
+@pytest.mark.parametrize("mode", ["layerwise"])
+def test_layerwise_loads_wait_per_layer(mode):
+    kv, w, lead = make(load_mode=mode)
+    h = [b"a0"]
+    lead.plan_stores("r1", h, [2], 0, 1)
+    step(w, lead, kv, writes=[(2, 7)])
+    settle(w, lead)
+    lead.plan_load("r2", h, [11], lead.lookup("r2", h, 0, 5))
+    res = step(w, lead, layerwise_wait=True)
+    assert not res.failed_blocks and not res.finished_recving
+    assert (kv[:, 11] == kv[:, 2]).all() and kv[1, 11, 0] == 8
+
+
+def test_abort_cancels_stores_that_have_not_started_and_releases_after_drain():
+    kv, w, lead = make()
+    lead.plan_stores("r1", [b"a0", b"a1"], [0, 1], 0, 2)
+    plan = lead.take_plan()
+    w.begin_step(plan)  # gated on layers that never complete in this step
+    assert lead.finished("r1", aborted=True) is True
+    w.end_step()
+    res = w.collect()
+    lead.on_reports(res.reports)
+    w.begin_step(lead.take_plan())  # carries aborted + release
+    w.end_step()
+    results = [w.collect(["r1"])] + settle(w, lead)
+    assert any("r1" in r.finished_sending for r in results)
+    assert len(lead.tier) == 0 or lead.tier.count_hits([b"a0", b"a1"]) in (0, 1, 2)
+    assert not lead.has_request("r1")
+
+
+def test_preemption_cancels_and_fences():
+    kv, w, lead = make()
+    lead.plan_stores("r1", [b"a0"], [0], 0, 1)
+    w.begin_step(lead.take_plan())
+    lead.preempted("r1")
+    w.begin_step(lead.take_plan())  # the new step's plan cancels the gated store
+    assert w.engine.pending == 0
+    res = w.collect()
+    lead.on_reports(res.reports)
+    assert res.reports.ops and all(v == [1, 1] for v in res.reports.ops.values())
+    assert len(lead.tier) == 0
+    # the request goes on in a new slot
+    lead.plan_stores("r1", [b"a0", b"a1"], [0, 1], 1, 2)
+    step(w, lead, kv, writes=[(1, 5)])
+    settle(w, lead)
+    assert lead.tier.count_hits([b"a1"]) == 1
+
+
+def test_host_bytes_too_small_and_plan_capacity_mismatch():
+    kv = np.zeros((L, NB, PAGE), dtype=np.uint8)
+    w = OffloadWorker(OffloadConfig.from_dict({"host_bytes": L * PAGE - 1, "backend": "host"}))
+    with pytest.raises(InvalidArgumentError, match="host_bytes"):
+        w.register(BlockPool.from_array(kv))
+    kv, w, lead = make()
+    other = OffloadLeader(3, BS)
+    with pytest.raises(InvalidArgumentError, match="host blocks"):
+        w.begin_step(other.take_plan())
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(InvalidArgumentError, match="'bogus'"):
+        OffloadConfig.from_dict({"host_bytes": 1, "bogus": 2})
+    with pytest.raises(InvalidArgumentError, match="host_bytes"):
+        OffloadConfig.from_dict({})
+    for key, bad in [("load_mode", "sync"), ("max_inflight", 0), ("backend", "nixl"), ("op_timeout", -1),
+                     ("host_bytes", "4GB")]:
+        with pytest.raises(InvalidArgumentError, match=key):
+            OffloadConfig.from_dict({"host_bytes": 1 << 20, key: bad})
