@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -29,6 +30,7 @@ namespace {
 // Python-side objects looked up once (kvsched.errors, kvsched.protocol, uuid, logging).
 struct PyRefs {
   py::object uuid_cls, protocol, decision_cls, slot_status_cls;
+  py::object enum_base, transfer_kind_cls, request_mode_cls;
   py::object layer_complete, layer_name_complete, iteration_complete;
   py::object decision_execute, decision_cancel;
   py::object on_dropped;  // kvsched.scheduler._log_dropped
@@ -42,6 +44,9 @@ PyRefs& refs() {
     p->uuid_cls = py::module_::import("uuid").attr("UUID");
     p->protocol = py::module_::import("kvsched.protocol");
     p->decision_cls = p->protocol.attr("Decision");
+    p->enum_base = py::module_::import("enum").attr("Enum");
+    p->transfer_kind_cls = p->protocol.attr("TransferKind");
+    p->request_mode_cls = p->protocol.attr("RequestMode");
     p->slot_status_cls = p->protocol.attr("SlotStatus");
     p->layer_complete = p->protocol.attr("LayerComplete");
     p->layer_name_complete = p->protocol.attr("LayerNameComplete");
@@ -56,6 +61,7 @@ PyRefs& refs() {
     p->errors[static_cast<int>(ErrorCode::kProtocol)] = errors.attr("ProtocolError");
     p->errors[static_cast<int>(ErrorCode::kClosed)] = errors.attr("SchedulerClosedError");
     p->errors[static_cast<int>(ErrorCode::kInvalidArgument)] = errors.attr("InvalidArgumentError");
+    p->errors[static_cast<int>(ErrorCode::kForked)] = errors.attr("SchedulerForkedError");
     p->on_dropped = py::module_::import("kvsched._logging").attr("log_dropped");
     return p;
   }();
@@ -78,7 +84,8 @@ template <class F>
 auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f()) {
   // The prefix is built only on the error path: formatting a uuid costs more than the call.
   auto where = [&] {
-    return "request '" + rid + "'" + (uuid ? " op " + uuid->str() : std::string()) + ": ";
+    return "request '" + cut_text(rid, kMaxQuotedBytes) + "'" +
+           (uuid ? " op " + uuid->str() : std::string()) + ": ";
   };
   try {
     return f();
@@ -109,22 +116,37 @@ Uuid to_uuid_impl(py::handle obj) {
     Py_ssize_t n = 0;
     const char* s = PyUnicode_AsUTF8AndSize(o, &n);
     if (!s) throw py::error_already_set();
-    std::string str(s, static_cast<size_t>(n));
-    std::string_view v(str);
-    if (v.size() >= 9 && (v.substr(0, 9) == "urn:uuid:" || v.substr(0, 9) == "URN:UUID:"))
-      v.remove_prefix(9);
-    if (v.size() >= 2 && v.front() == '{' && v.back() == '}') v = v.substr(1, v.size() - 2);
-    int digits = 0;
-    for (char c : v) {
-      if (c == '-') continue;
-      int h = hexval(c);
-      if (h < 0 || digits >= 32) invalid("malformed uuid string '" + str + "'");
-      if (digits < 16) u.hi = (u.hi << 4) | static_cast<uint64_t>(h);
-      else u.lo = (u.lo << 4) | static_cast<uint64_t>(h);
-      ++digits;
+    // Fast path: the canonical 36-character form and the 32 bare hex digits, parsed here.
+    std::string_view v(s, static_cast<size_t>(n));
+    if (v.size() == 36 || v.size() == 32) {
+      int digits = 0;
+      bool ok = true;
+      for (size_t i = 0; i < v.size() && ok; ++i) {
+        const char c = v[i];
+        if (v.size() == 36 && (i == 8 || i == 13 || i == 18 || i == 23)) {
+          ok = c == '-';
+          continue;
+        }
+        int h = hexval(c);
+        if (h < 0) {
+          ok = false;
+          break;
+        }
+        if (digits < 16) u.hi = (u.hi << 4) | static_cast<uint64_t>(h);
+        else u.lo = (u.lo << 4) | static_cast<uint64_t>(h);
+        ++digits;
+      }
+      if (ok && digits == 32) return u;
     }
-    if (digits != 32) invalid("malformed uuid string '" + str + "'");
-    return u;
+    // Every other form uuid.UUID() accepts ("urn:uuid:...", braces, other hyphenation) is
+    // parsed by uuid.UUID itself, so the two never disagree on what a uuid string is.
+    PyObject* parsed = PyObject_CallOneArg(refs().uuid_cls.ptr(), o);
+    if (!parsed) {
+      PyErr_Clear();
+      invalid("malformed uuid string '" + cut_text(std::string(v), 80) + "'");
+    }
+    py::object holder = py::reinterpret_steal<py::object>(parsed);
+    return to_uuid_impl(holder);
   }
   if (PyObject_IsInstance(o, refs().uuid_cls.ptr()) == 1) {
     static PyObject* int_name = PyUnicode_InternFromString("int");
@@ -162,26 +184,83 @@ std::string to_rid(py::handle obj) {
   return std::string(s, static_cast<size_t>(n));
 }
 
-// An int (or IntEnum) that is not a bool, in [lo, hi].
-int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
-  if (!PyLong_Check(obj.ptr()) || PyBool_Check(obj.ptr()))
-    throw py::type_error(std::string(what) + " must be an int, not " +
+// A batch of uuids: a list, tuple or other iterable of uuids (not a str or bytes, which would
+// iterate over characters).
+std::vector<Uuid> to_uuid_list(py::handle obj, const std::string& rid) {
+  if (PyUnicode_Check(obj.ptr()) || PyBytes_Check(obj.ptr()))
+    throw py::type_error("request '" + cut_text(rid, kMaxQuotedBytes) +
+                         "': uuids must be an iterable of uuids, not a single " +
                          Py_TYPE(obj.ptr())->tp_name);
+  PyObject* it = PyObject_GetIter(obj.ptr());
+  if (!it) {
+    PyErr_Clear();
+    throw py::type_error("request '" + cut_text(rid, kMaxQuotedBytes) +
+                         "': uuids must be an iterable of uuids, not " + Py_TYPE(obj.ptr())->tp_name);
+  }
+  py::object iter = py::reinterpret_steal<py::object>(it);
+  std::vector<Uuid> out;
+  while (PyObject* item = PyIter_Next(iter.ptr())) {
+    py::object held = py::reinterpret_steal<py::object>(item);
+    out.push_back(to_uuid(held, rid));
+  }
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return out;
+}
+
+// An integer in [lo, hi]: an int, an IntEnum, or anything else with __index__ (numpy integers),
+// the same way everywhere; never a bool (True is not a layer) or a float.
+int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
+  PyObject* o = obj.ptr();
+  if (PyBool_Check(o) || PyFloat_Check(o) ||
+      (!PyLong_Check(o) && !(Py_TYPE(o)->tp_as_number && Py_TYPE(o)->tp_as_number->nb_index)))
+    throw py::type_error(std::string(what) + " must be an int, not " + Py_TYPE(o)->tp_name);
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+  if (!index) {
+    // A broken __index__ (it raised): a TypeError naming the argument, not the raw error.
+    PyErr_Clear();
+    throw py::type_error(std::string(what) + " must be an int (" + Py_TYPE(o)->tp_name +
+                         ".__index__ failed)");
+  }
   int overflow = 0;
-  long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
-  if (overflow || v < lo || v > hi)
-    invalid(std::string(what) + " out of range: " + py::str(obj).cast<std::string>());
+  long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    overflow = 1;
+  }
+  if (overflow || v < lo || v > hi) {
+    std::string shown;
+    if (!overflow) {
+      shown = std::to_string(v);
+    } else {
+      py::int_ zero(0);
+      shown = PyObject_RichCompareBool(index.ptr(), zero.ptr(), Py_LT) == 1 ? "below -2**63"
+                                                                           : "above 2**63-1";
+    }
+    invalid(std::string(what) + " out of range [" + std::to_string(lo) + ", " +
+            std::to_string(hi) + "]: " + shown);
+  }
   return v;
 }
 
-Kind to_kind(py::handle obj, const std::string& rid, const Uuid& u) {
-  return with_context(rid, &u, [&] {
-    return static_cast<Kind>(to_small_int(obj, "kind (TransferKind)", 0, 1));
+// An enum argument: its own enum's members or plain integers; a member of another enum
+// (Decision.EXECUTE as a mode, a RequestMode as a kind) is a TypeError, not its integer value.
+int64_t to_enum_value(py::handle obj, const py::object& cls, const char* what) {
+  if (PyObject_IsInstance(obj.ptr(), refs().enum_base.ptr()) == 1 &&
+      PyObject_IsInstance(obj.ptr(), cls.ptr()) != 1)
+    throw py::type_error(std::string(what) + " must be a " +
+                         py::str(cls.attr("__name__")).cast<std::string>() + ", not " +
+                         py::repr(obj).cast<std::string>());
+  return to_small_int(obj, what, 0, 1);
+}
+
+Kind to_kind(py::handle obj, const std::string& rid, const Uuid* u) {
+  return with_context(rid, u, [&] {
+    return static_cast<Kind>(to_enum_value(obj, refs().transfer_kind_cls, "kind (TransferKind)"));
   });
 }
 Mode to_mode(py::handle obj, const std::string& rid, const Uuid* u) {
   return with_context(rid, u, [&] {
-    return static_cast<Mode>(to_small_int(obj, "mode (RequestMode)", 0, 1));
+    return static_cast<Mode>(to_enum_value(obj, refs().request_mode_cls, "mode (RequestMode)"));
   });
 }
 
@@ -193,8 +272,15 @@ py::object decision_obj(Decision d) {
 
 // Everything a Handle, WorkerSide and TransferSide share; kept alive by all of them.
 struct CoreState {
-  explicit CoreState(const Config& c) : sched(c) {}
-  Scheduler sched;
+  explicit CoreState(const Config& c) : owned(std::make_unique<Scheduler>(c)), sched(*owned) {}
+  ~CoreState() {
+    // In a forked child the scheduler is a copy whose mutexes may be held by parent threads that
+    // do not exist here and whose deadline thread is not ours to join: destroying it could hang
+    // (core/fork_guard.hpp). Leaked on purpose; the child's memory is its own to drop at exit.
+    if (sched.inherited()) (void)owned.release();
+  }
+  std::unique_ptr<Scheduler> owned;
+  Scheduler& sched;
   std::unordered_map<std::string, uint64_t> layer_index;
 
   uint64_t to_requirement(py::handle req) {
@@ -252,13 +338,42 @@ Clock::time_point deadline_after(double seconds) {
                             std::chrono::duration<double>(seconds));
 }
 
-// Converts a Python timeout (None or seconds) into an optional deadline.
+// The longest finite wait accepted: 1e9 s (about 31.7 years) is far below where a deadline of
+// steady_clock (int64 nanoseconds since boot) would overflow, so every accepted timeout is
+// honoured as given. Longer ones are refused; inf means "no timeout", as None does.
+constexpr double kMaxWaitSeconds = 1e9;
+
+// Converts a Python timeout (None, or seconds: int, float, numpy scalar) into an optional wait.
 bool to_timeout(py::handle timeout, double* seconds) {
   if (timeout.is_none()) return false;
-  if (PyBool_Check(timeout.ptr()) || !(PyFloat_Check(timeout.ptr()) || PyLong_Check(timeout.ptr())))
-    throw py::type_error("timeout must be None or a number of seconds");
-  double s = timeout.cast<double>();
-  if (!(s >= 0)) invalid("timeout must be >= 0 seconds or None, got " + py::repr(timeout).cast<std::string>());
+  PyObject* o = timeout.ptr();
+  const bool is_index = !PyFloat_Check(o) && Py_TYPE(o)->tp_as_number &&
+                        Py_TYPE(o)->tp_as_number->nb_index;
+  const bool is_float = PyFloat_Check(o) ||
+                        (!is_index && Py_TYPE(o)->tp_as_number && Py_TYPE(o)->tp_as_number->nb_float);
+  if (PyBool_Check(o) || !(is_index || is_float))
+    throw py::type_error(std::string("timeout must be None or a number of seconds, not ") +
+                         Py_TYPE(o)->tp_name);
+  py::object number = py::reinterpret_steal<py::object>(is_index ? PyNumber_Index(o)
+                                                                 : PyNumber_Float(o));
+  if (!number) {
+    PyErr_Clear();
+    throw py::type_error(std::string("timeout must be None or a number of seconds (") +
+                         Py_TYPE(o)->tp_name + " did not convert)");
+  }
+  double s = PyLong_Check(number.ptr()) ? PyLong_AsDouble(number.ptr())
+                                        : PyFloat_AsDouble(number.ptr());
+  if (s == -1.0 && PyErr_Occurred()) {  // an int beyond a double's range
+    PyErr_Clear();
+    invalid("timeout out of range: at most 1e9 seconds, inf or None");
+  }
+  if (std::isnan(s) || s < 0)
+    invalid("timeout must be >= 0 seconds, inf or None, got " +
+            cut_text(py::repr(timeout).cast<std::string>(), 80));
+  if (std::isinf(s)) return false;
+  if (s > kMaxWaitSeconds)
+    invalid("timeout out of range: at most 1e9 seconds (about 31.7 years), inf or None, got " +
+            cut_text(py::repr(timeout).cast<std::string>(), 80));
   *seconds = s;
   return true;
 }
@@ -277,6 +392,7 @@ class Handle {
   }
   ~Handle() {
     if (op_->binding_view == this) op_->binding_view = nullptr;
+    if (state_->sched.inherited()) return;  // forked child: the scheduler is not ours to touch
     try {
       if (state_->sched.release_view(op_)) {
         refs().on_dropped(op_->rid, op_->uuid.str());
@@ -301,12 +417,14 @@ class Handle {
   }
 
   py::object decision() {
+    state_->sched.check_not_inherited();
     Decision d = op_->load_decision();
     if (d != Decision::kNone) state_->sched.deliver(op_);
     return decision_obj(d);
   }
 
   py::object wait(py::handle timeout) {
+    state_->sched.check_not_inherited();
     double seconds = 0;
     const bool bounded = to_timeout(timeout, &seconds);
     const auto end = bounded ? deadline_after(seconds) : Clock::time_point::max();
@@ -327,9 +445,9 @@ class Handle {
     }
   }
 
-  void mark_complete(py::handle error) {
+  void mark_complete(py::handle error, bool by_engine = false) {
     if (error.is_none()) {
-      state_->sched.mark_complete(op_, true, {});
+      state_->sched.mark_complete(op_, true, {}, by_engine);
       return;
     }
     std::string msg;
@@ -347,8 +465,10 @@ class Handle {
       throw py::type_error("error must be None, an exception or a str");
     }
     if (msg.empty()) msg = "failed";
-    state_->sched.mark_complete(op_, false, msg);
+    state_->sched.mark_complete(op_, false, msg, by_engine);
   }
+  void claim_transfer() { state_->sched.claim_transfer(op_); }
+  void release_transfer_claim() { state_->sched.release_transfer_claim(op_); }
 
   py::object uuid() {
     if (!uuid_obj_) uuid_obj_ = from_uuid(op_->uuid);
@@ -365,7 +485,7 @@ class Handle {
     return "open";
   }
   bool is_immediate() const { return op_->mode == Mode::kImmediate; }
-  bool closed() const { return state_->sched.closed(); }
+  bool closed() const { return state_->sched.inherited() || state_->sched.closed(); }
   const OpPtr& op() const { return op_; }
 
  private:
@@ -444,7 +564,7 @@ PyObject* fast_enqueue(PyObject* self, PyObject* const* args, Py_ssize_t nargs, 
     WorkerSide& w = self_as<WorkerSide>(self);
     const std::string r = to_rid(a[0]);
     const Uuid u = to_uuid(a[1], r);
-    const Kind k = to_kind(a[2], r, u);
+    const Kind k = to_kind(a[2], r, &u);
     const Mode md = a[3] ? to_mode(a[3], r, &u) : Mode::kScheduled;
     w.s->sched.enqueue(r, u, k, md);
     Py_RETURN_NONE;
@@ -553,11 +673,21 @@ PYBIND11_MODULE(_core, m) {
       .def("wait", &Handle::wait, py::arg("timeout") = py::none(),
            "Block (GIL released) until decided; returns the Decision, or None on timeout/close.")
       .def("_closed", &Handle::closed)
+      // The transfer engine's seam (kvsched.transfer): one engine copies an op, only while it
+      // is open, and only that engine marks it (Scheduler::claim_transfer).
+      .def("_claim_transfer", &Handle::claim_transfer)
+      .def("_release_transfer_claim", &Handle::release_transfer_claim)
+      .def("_engine_mark",
+           [](Handle& h, py::handle error) { h.mark_complete(error, /*by_engine=*/true); },
+           py::arg("error") = py::none())
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__",
            [](Handle& h, py::handle, py::handle exc, py::handle) {
-             // A CANCEL handle has nothing to mark (its operation ended cancelled).
+             // A CANCEL handle has nothing to mark (its operation ended cancelled), and one a
+             // TransferEngine copies is marked by that engine when the copy ends.
              if (h.op()->load_decision() == Decision::kCancel) return false;
+             // order: acquire — pairs with the acq_rel CAS in Scheduler::claim_transfer().
+             if (h.op()->marker.load(std::memory_order_acquire) == Op::kMarkerEngine) return false;
              if (exc.is_none()) {
                h.mark_complete(exc);  // a misuse (undecided, marked twice) raises ProtocolError
                return false;
@@ -579,16 +709,14 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (SPEC section 3).")
       .def("enqueue_many",
-           [](WorkerSide& w, py::handle rid, py::iterable uuids, py::handle kind, py::handle mode) {
-             // Validate everything first so a bad element changes nothing... except what the core
-             // itself rejects later (a duplicate); those raise at that element.
+           [](WorkerSide& w, py::handle rid, py::handle uuids, py::handle kind, py::handle mode) {
+             // All or nothing: values converted here, then the core checks every element before
+             // it applies any (duplicates within the batch included).
              std::string r = to_rid(rid);
-             std::vector<Uuid> us;
-             for (auto u : uuids) us.push_back(to_uuid(u, r));
-             if (us.empty()) return;
-             Kind k = to_kind(kind, r, us[0]);
-             Mode md = to_mode(mode, r, &us[0]);
-             for (auto& u : us) w.s->sched.enqueue(r, u, k, md);
+             std::vector<Uuid> us = to_uuid_list(uuids, r);
+             const Kind k = to_kind(kind, r, us.empty() ? nullptr : &us[0]);
+             const Mode md = to_mode(mode, r, us.empty() ? nullptr : &us[0]);
+             w.s->sched.enqueue_many(r, us, k, md);
            },
            py::arg("rid"), py::arg("uuids"), py::arg("kind"), py::arg("mode") = 0)
       .def("start_next_iteration", [](WorkerSide& w) { return w.s->sched.start_next_iteration(); })
@@ -618,15 +746,16 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<TransferSide>(m, "TransferSide", "The leader / transfer half of a scheduler.")
       .def("schedule_many",
-           [](TransferSide& t, py::handle rid, py::iterable uuids, py::handle requirement,
+           [](TransferSide& t, py::handle rid, py::handle uuids, py::handle requirement,
               py::handle mode) {
              std::string r = to_rid(rid);
-             Mode md = to_mode(mode, r, nullptr);
-             uint64_t req = with_context(r, nullptr, [&] { return t.s->to_requirement(requirement); });
-             std::vector<Uuid> us;
-             for (auto u : uuids) us.push_back(to_uuid(u, r));
+             std::vector<Uuid> us = to_uuid_list(uuids, r);
+             const Uuid* first = us.empty() ? nullptr : &us[0];
+             const Mode md = to_mode(mode, r, first);
+             uint64_t req = with_context(r, first, [&] { return t.s->to_requirement(requirement); });
+             std::vector<OpPtr> ops = t.s->sched.schedule_many(r, us, req, md);
              py::list out;
-             for (auto& u : us) out.append(Handle::wrap(t.s, t.s->sched.schedule(r, u, req, md)));
+             for (auto& op : ops) out.append(Handle::wrap(t.s, op));
              return out;
            },
            py::arg("rid"), py::arg("uuids"), py::arg("requirement") = py::none(),
@@ -668,10 +797,12 @@ PYBIND11_MODULE(_core, m) {
              Config c;
              c.max_inflight = max_inflight;
              c.num_layers = num_layers;
-             c.op_timeout_ns = static_cast<int64_t>(op_timeout_s * 1e9);
+             // Whole nanoseconds, rounded up so that a positive duration never becomes 0
+             // ("never"); Scheduler.__init__ keeps both in [1e-9 or 0, 1e9] s.
+             c.op_timeout_ns = static_cast<int64_t>(std::ceil(op_timeout_s * 1e9));
              c.removed_memory = removed_memory;
              c.poll_backlog = poll_backlog;
-             c.store_starvation_ns = static_cast<int64_t>(store_starvation_s * 1e9);
+             c.store_starvation_ns = static_cast<int64_t>(std::ceil(store_starvation_s * 1e9));
              refs();  // import the Python-side classes now, not in a destructor later
              auto st = std::make_shared<CoreState>(c);
              for (size_t i = 0; i < layer_names.size(); ++i) st->layer_index[layer_names[i]] = i;
@@ -682,9 +813,16 @@ PYBIND11_MODULE(_core, m) {
            py::arg("layer_names"))
       .def_property_readonly("worker", [](const StatePtr& s) { return WorkerSide{s}; })
       .def_property_readonly("transfer", [](const StatePtr& s) { return TransferSide{s}; })
-      .def("stats", [](CoreState& s) { return s.sched.stats(); })
+      .def("stats",
+           [](CoreState& s) {
+             s.sched.check_not_inherited();
+             return s.sched.stats();
+           })
       .def("close",
            [](CoreState& s) {
+             // A forked child's copy: nothing of it is ours to close (fork_guard.hpp); closing
+             // is a no-op there so cleanup code (atexit, `with`) never hangs or raises.
+             if (s.sched.inherited()) return;
              // With the GIL held on purpose: every other non-blocking call of the bindings also
              // holds it, so close() cannot land between the core deciding an op inside
              // schedule() and the Handle object (its view) being created, where close() would
@@ -693,5 +831,7 @@ PYBIND11_MODULE(_core, m) {
              // its one wait (joining the deadline thread, woken first) is short (SPEC S9).
              s.sched.close();
            })
-      .def_property_readonly("closed", [](CoreState& s) { return s.sched.closed(); });
+      .def_property_readonly("closed",
+                             [](CoreState& s) { return s.sched.inherited() || s.sched.closed(); })
+      .def_property_readonly("inherited", [](CoreState& s) { return s.sched.inherited(); });
 }

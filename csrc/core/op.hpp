@@ -80,6 +80,14 @@ struct Op {
   Atomic<bool> delivered{false};
   // Set by the first push into the poll queue, so an op is queued at most once.
   Atomic<bool> poll_queued{false};
+  // Who may mark the op (values of `marker`): anyone while kFree; once a transfer engine claimed
+  // its copy (Scheduler::claim_transfer) only that engine (kEngine), so no caller can end an op
+  // whose bytes are still moving; once a caller started marking (kCaller) no engine may claim it,
+  // so no copy can start for an ended op. One CAS decides between the two (no Dekker race).
+  static constexpr uint8_t kMarkerFree = 0;
+  static constexpr uint8_t kMarkerEngine = 1;
+  static constexpr uint8_t kMarkerCaller = 2;
+  Atomic<uint8_t> marker{kMarkerFree};
   // Number of live user-facing handle objects (maintained by the binding layer).
   Atomic<int32_t> views{0};
   // Threads blocked in Scheduler::wait_decision on this op (see Note [waiter handshake]).

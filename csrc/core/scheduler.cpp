@@ -1,6 +1,8 @@
 // Implementation of the scheduler. The "Note [...]" references point to docs/design.md.
 #include "scheduler.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 namespace kvsched::core {
@@ -12,7 +14,7 @@ int64_t now_ns() {
 }
 
 std::string who(const std::string& rid, const Uuid* uuid) {
-  std::string s = "request '" + rid + "'";
+  std::string s = "request '" + cut_text(rid, kMaxQuotedBytes) + "'";
   if (uuid) s += " op " + uuid->str();
   return s;
 }
@@ -75,10 +77,78 @@ Scheduler::~Scheduler() {
 // ------------------------------------------------------------------------------------------------
 // helpers
 
+void Scheduler::check_not_inherited() const {
+  if (inherited())
+    throw Error(ErrorCode::kForked,
+                "this scheduler was created in process " + std::to_string(creator_pid_) +
+                    " and inherited by fork() into process " +
+                    std::to_string(static_cast<long>(getpid())) +
+                    "; a forked child cannot use it (its threads and locks stay in the parent). "
+                    "Create a new Scheduler in the child");
+}
+
 void Scheduler::check_open(const std::string& rid, const Uuid* uuid) const {
+  check_not_inherited();
   // order: acquire — pairs with the exchange in close(); see the re-check in schedule().
   if (closed_.load(std::memory_order_acquire))
     fail(ErrorCode::kClosed, rid, uuid, "the scheduler is closed");
+}
+
+void Scheduler::check_open_worker_call() const {
+  check_not_inherited();
+  // order: acquire — as check_open().
+  if (closed_.load(std::memory_order_acquire))
+    throw Error(ErrorCode::kClosed, "the scheduler is closed");
+}
+
+void Scheduler::check_distinct(const std::string& rid, const std::vector<Uuid>& uuids) {
+  if (uuids.size() < 2) return;
+  std::vector<Uuid> sorted(uuids);
+  auto less = [](const Uuid& a, const Uuid& b) { return a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo; };
+  std::sort(sorted.begin(), sorted.end(), less);
+  auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  if (dup != sorted.end())
+    fail(ErrorCode::kDuplicate, rid, &*dup, "the uuid appears twice in one batch; nothing applied");
+}
+
+std::vector<Scheduler::Shard*> Scheduler::lock_order(const std::vector<Uuid>& uuids) {
+  // Several shard locks are taken in address order (the shards live in one vector, so that is
+  // index order): two batch calls can never wait for each other in a cycle.
+  std::vector<Shard*> order;
+  order.reserve(uuids.size());
+  for (const Uuid& u : uuids) order.push_back(&shard(u));
+  std::sort(order.begin(), order.end());
+  order.erase(std::unique(order.begin(), order.end()), order.end());
+  return order;
+}
+
+void Scheduler::hold_locked(const OpPtr& op, std::vector<OpPtr>* evicted) {
+  held_cancels_.push_back(op);
+  while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
+    evicted->push_back(std::move(held_cancels_.front()));
+    held_cancels_.pop_front();
+  }
+}
+
+void Scheduler::hold_decided_halves(const std::vector<OpPtr>& ops) {
+  // Transfer halves decided CANCEL while no worker half had come (their rid was cancelled, or
+  // they timed out): they stay in the join table so that a late worker half joins and counts
+  // them, but only up to the held bound; no longer in pending_by_rid_, which would keep them for
+  // ever when the request never gets a slot.
+  std::vector<OpPtr> evicted;
+  {
+    std::lock_guard<Mutex> lock(rid_mu_);
+    for (auto& op : ops) {
+      auto it = pending_by_rid_.find(op->rid);
+      if (it != pending_by_rid_.end()) {
+        auto& v = it->second;
+        v.erase(std::remove(v.begin(), v.end(), op), v.end());
+        if (v.empty()) pending_by_rid_.erase(it);
+      }
+      hold_locked(op, &evicted);
+    }
+  }
+  if (!evicted.empty()) forget_held_cancels(std::move(evicted));
 }
 
 bool Scheduler::closed() const {
@@ -123,6 +193,7 @@ void Scheduler::forget_held_cancels(std::vector<OpPtr> evicted) {
     if (it != sh.map.end() && it->second == op &&
         (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed) == 0) {
       sh.map.erase(it);
+      bump(counters_.held_forgotten);
     }
   }
 }
@@ -159,48 +230,50 @@ void Scheduler::create_slot(const std::string& rid) {
   bump(counters_.slots_created);
 }
 
-void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mode mode) {
-  check_open(rid, &uuid);
-  SlotPtr slot = find_slot(rid);
-  if (!slot) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot: call create_slot first");
-  OpPtr op;
-  bool created = false;
-  bool cancel_now = false;
-  {
-    std::lock_guard<Mutex> slot_lock(slot->mu);
-    if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot (it was removed)");
-    Shard& sh = shard(uuid);
-    std::lock_guard<Mutex> shard_lock(sh.mu);
-    auto it = sh.map.find(uuid);
-    if (it != sh.map.end()) {
-      op = it->second;
-      // order: relaxed — a worker claim on this cell is only made under this shard lock (held),
-      // so this read sees every earlier worker claim.
-      if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
-        fail(ErrorCode::kDuplicate, rid, &uuid,
-             "worker half already enqueued (for request '" + op->rid + "')");
-      check_halves_agree(*op, rid, uuid, mode, "transfer", "worker");
-    } else {
-      if (is_removed_uuid(uuid))
-        fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
-      op = std::make_shared<Op>(uuid, rid, mode);
-      created = true;
-    }
-    // order: relaxed — claims publish nothing; the fields are published by the release in the
-    // kWorkerPublished fetch_or below.
-    op->halves.fetch_or(Op::kWorkerClaimed, std::memory_order_relaxed);
-    if (created) sh.map.emplace(uuid, op);
-    op->kind = kind;
-    op->slot = slot;
-    slot->ops.push_back(op);
-    // order: relaxed — published to the outcome side by the kEnqueued acq_rel fetch_or below,
-    // and to is_complete() readers by slot->mu / later acq_rel decrements.
-    slot->expected.fetch_add(1, std::memory_order_relaxed);
-    slot->open.fetch_add(1, std::memory_order_relaxed);
-    cancel_now = slot->cancelled && mode == Mode::kScheduled;
+OpPtr Scheduler::enqueue_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid,
+                                      Mode mode) {
+  auto it = sh.map.find(uuid);
+  if (it != sh.map.end()) {
+    const OpPtr& op = it->second;
+    // order: relaxed — a worker claim on this cell is only made under this shard lock (held),
+    // so this read sees every earlier worker claim.
+    if (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed)
+      fail(ErrorCode::kDuplicate, rid, &uuid,
+           "worker half already enqueued (for request '" + cut_text(op->rid, kMaxQuotedBytes) +
+               "')");
+    check_halves_agree(*op, rid, uuid, mode, "transfer", "worker");
+    return op;
   }
+  if (is_removed_uuid(uuid))
+    fail(ErrorCode::kDuplicate, rid, &uuid, "uuid belongs to an operation of a removed slot");
+  return nullptr;
+}
+
+Scheduler::EnqueueClaim Scheduler::enqueue_claim_locked(Shard& sh, const SlotPtr& slot,
+                                                        OpPtr existing, const std::string& rid,
+                                                        const Uuid& uuid, Kind kind, Mode mode) {
+  EnqueueClaim c;
+  c.created = !existing;
+  c.op = existing ? std::move(existing) : std::make_shared<Op>(uuid, rid, mode);
+  const OpPtr& op = c.op;
+  // order: relaxed — claims publish nothing; the fields are published by the release in the
+  // kWorkerPublished fetch_or in enqueue_finish().
+  op->halves.fetch_or(Op::kWorkerClaimed, std::memory_order_relaxed);
+  if (c.created) sh.map.emplace(uuid, op);
+  op->kind = kind;
+  op->slot = slot;
+  slot->ops.push_back(op);
+  // order: relaxed — published to the outcome side by the kEnqueued acq_rel fetch_or in
+  // enqueue_finish(), and to is_complete() readers by slot->mu / later acq_rel decrements.
+  slot->expected.fetch_add(1, std::memory_order_relaxed);
+  slot->open.fetch_add(1, std::memory_order_relaxed);
+  return c;
+}
+
+void Scheduler::enqueue_finish(const EnqueueClaim& claim, Mode mode, bool cancel_now) {
+  const OpPtr& op = claim.op;
   bump(counters_.enqueued);
-  if (created && mode == Mode::kScheduled && config_.op_timeout_ns > 0) {
+  if (claim.created && mode == Mode::kScheduled && config_.op_timeout_ns > 0) {
     std::lock_guard<Mutex> lock(deadline_mu_);
     deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
     deadline_cv_.notify_one();
@@ -222,20 +295,65 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
   if (closed()) decide(op, Decision::kCancel);
 }
 
+void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mode mode) {
+  check_open(rid, &uuid);
+  SlotPtr slot = find_slot(rid);
+  if (!slot) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot: call create_slot first");
+  EnqueueClaim claim;
+  bool cancel_now = false;
+  {
+    std::lock_guard<Mutex> slot_lock(slot->mu);
+    if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot (it was removed)");
+    Shard& sh = shard(uuid);
+    std::lock_guard<Mutex> shard_lock(sh.mu);
+    OpPtr existing = enqueue_check_locked(sh, rid, uuid, mode);
+    claim = enqueue_claim_locked(sh, slot, std::move(existing), rid, uuid, kind, mode);
+    cancel_now = slot->cancelled && mode == Mode::kScheduled;
+  }
+  enqueue_finish(claim, mode, cancel_now);
+}
+
+void Scheduler::enqueue_many(const std::string& rid, const std::vector<Uuid>& uuids, Kind kind,
+                             Mode mode) {
+  check_open(rid, uuids.empty() ? nullptr : &uuids[0]);
+  if (uuids.empty()) return;
+  check_distinct(rid, uuids);
+  SlotPtr slot = find_slot(rid);
+  if (!slot) fail(ErrorCode::kUnknownSlot, rid, &uuids[0], "no slot: call create_slot first");
+  std::vector<EnqueueClaim> claims;
+  claims.reserve(uuids.size());
+  bool cancel_now = false;
+  {
+    std::lock_guard<Mutex> slot_lock(slot->mu);
+    if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuids[0], "no slot (it was removed)");
+    std::vector<std::unique_lock<Mutex>> shard_locks;
+    for (Shard* sh : lock_order(uuids)) shard_locks.emplace_back(sh->mu);
+    // Every element is checked before any is applied: a refusal changes nothing (S8).
+    std::vector<OpPtr> existing(uuids.size());
+    for (size_t i = 0; i < uuids.size(); ++i)
+      existing[i] = enqueue_check_locked(shard(uuids[i]), rid, uuids[i], mode);
+    for (size_t i = 0; i < uuids.size(); ++i)
+      claims.push_back(enqueue_claim_locked(shard(uuids[i]), slot, std::move(existing[i]), rid,
+                                            uuids[i], kind, mode));
+    cancel_now = slot->cancelled && mode == Mode::kScheduled;
+  }
+  for (auto& c : claims) enqueue_finish(c, mode, cancel_now);
+}
+
 uint64_t Scheduler::start_next_iteration() {
-  check_open("-", nullptr);
+  check_open_worker_call();
   const uint64_t it = progress_.start_next_iteration();
   release_gated(progress_.load());
   return it;
 }
 
 void Scheduler::mark_layer_complete(uint64_t layer) {
-  check_open("-", nullptr);
+  check_open_worker_call();
   release_gated(progress_.mark_layer_complete(layer));
 }
 
 void Scheduler::mark_iteration_complete() {
-  check_open("-", nullptr);
+  check_open_worker_call();
   release_gated(progress_.mark_iteration_complete());
 }
 
@@ -247,7 +365,7 @@ bool Scheduler::is_complete(const std::string& rid) const {
 }
 
 std::vector<std::string> Scheduler::take_finished() {
-  check_open("-", nullptr);
+  check_open_worker_call();
   std::vector<SlotPtr> batch;
   {
     std::lock_guard<Mutex> lock(finished_mu_);
@@ -292,6 +410,7 @@ void Scheduler::cancel_slot(const std::string& rid) {
       pending_by_rid_.erase(it);
     }
   }
+  const size_t pending_victims = victims.size();
   if (SlotPtr slot = find_slot(rid)) {
     std::lock_guard<Mutex> lock(slot->mu);
     slot->cancelled = true;
@@ -302,6 +421,14 @@ void Scheduler::cancel_slot(const std::string& rid) {
   // Decide outside every lock: decide() may end the op and count it into its slot.
   for (auto& op : victims)
     if (op->mode == Mode::kScheduled) decide(op, Decision::kCancel);
+  // The waiting transfer halves without a worker half are held (bounded), not kept for ever.
+  std::vector<OpPtr> lone;
+  for (size_t i = 0; i < pending_victims; ++i) {
+    // order: acquire — pairs with the publish fetch_ors (a joined op belongs to a slot).
+    if ((victims[i]->halves.load(std::memory_order_acquire) & Op::kWorkerPublished) == 0)
+      lone.push_back(victims[i]);
+  }
+  if (!lone.empty()) hold_decided_halves(lone);
 }
 
 void Scheduler::remove_slot(const std::string& rid) {
@@ -392,74 +519,84 @@ OpPtr Scheduler::standalone_cancel(const std::string& rid, const Uuid& uuid, Mod
   return op;
 }
 
-OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t requirement,
-                          Mode mode) {
-  check_open(rid, &uuid);
-  OpPtr op;
-  bool created = false;
-  bool late = false;
-  bool held_cancel = false;
-  std::vector<OpPtr> evicted_held;
-  {
-    Shard& sh = shard(uuid);
-    std::lock_guard<Mutex> shard_lock(sh.mu);
-    auto it = sh.map.find(uuid);
-    if (it != sh.map.end()) {
-      op = it->second;
-      // order: relaxed — transfer claims are only made under this shard lock (held).
-      if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
-        fail(ErrorCode::kDuplicate, rid, &uuid,
-             "transfer half already scheduled (for request '" + op->rid + "')");
-      check_halves_agree(*op, rid, uuid, mode, "worker", "transfer");
-      // order: relaxed — claims publish nothing; the fields are published by the release in
-      // the kTransferPublished fetch_or.
-      op->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);
-    } else if (is_removed_uuid(uuid)) {
-      if (mode == Mode::kImmediate)
-        fail(ErrorCode::kDuplicate, rid, &uuid,
-             "IMMEDIATE transfer half for an operation of a removed slot");
-      late = true;  // S6: a late half of a removed slot is decided CANCEL at once
-    } else {
-      // rid_mu_ under the shard lock: "is the rid cancelled?" and "register as pending" must be
-      // one step against cancel_slot(), or a half could slip between its two steps.
-      std::lock_guard<Mutex> rid_lock(rid_mu_);
-      op = std::make_shared<Op>(uuid, rid, mode);
-      // order: relaxed (all stores here) — the op is published by the shard lock.
-      op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
-      held_cancel = mode == Mode::kScheduled && rid_cancelled_locked(rid);
-      if (held_cancel) {
-        // S6: decided CANCEL at once, and held in the join table (decided and ended before it
-        // is shared) so that a worker half of a later slot of this rid joins it and counts it
-        // cancelled instead of waiting for a transfer half that already came.
-        op->decision.store(static_cast<uint8_t>(Decision::kCancel), std::memory_order_relaxed);
-        op->outcome.store(static_cast<uint8_t>(Outcome::kCancelled), std::memory_order_relaxed);
-        op->counted.store(Op::kEnded, std::memory_order_relaxed);
-      }
-      // The table first: if a bookkeeping push below throws (bad_alloc), the entry is taken out
-      // again and the call leaves the scheduler as it was (S8).
-      auto [entry, inserted] = sh.map.emplace(uuid, op);
-      (void)inserted;  // the find() above missed under this lock
-      try {
-        if (held_cancel) {
-          held_cancels_.push_back(op);
-          while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
-            evicted_held.push_back(std::move(held_cancels_.front()));
-            held_cancels_.pop_front();
-          }
-        } else if (mode == Mode::kScheduled) {
-          pending_by_rid_[rid].push_back(op);
-        }
-      } catch (...) {
-        sh.map.erase(entry);
-        throw;
-      }
-      created = true;
-    }
+OpPtr Scheduler::schedule_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid,
+                                       Mode mode, bool* late) {
+  *late = false;
+  auto it = sh.map.find(uuid);
+  if (it != sh.map.end()) {
+    const OpPtr& op = it->second;
+    // order: relaxed — transfer claims are only made under this shard lock (held).
+    if (op->halves.load(std::memory_order_relaxed) & Op::kTransferClaimed)
+      fail(ErrorCode::kDuplicate, rid, &uuid,
+           "transfer half already scheduled (for request '" +
+               cut_text(op->rid, kMaxQuotedBytes) + "')");
+    check_halves_agree(*op, rid, uuid, mode, "worker", "transfer");
+    return op;
   }
-  if (late) return standalone_cancel(rid, uuid, mode);
-  if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
+  if (is_removed_uuid(uuid)) {
+    if (mode == Mode::kImmediate)
+      fail(ErrorCode::kDuplicate, rid, &uuid,
+           "IMMEDIATE transfer half for an operation of a removed slot");
+    *late = true;  // S6: a late half of a removed slot is decided CANCEL at once
+  }
+  return nullptr;
+}
+
+Scheduler::ScheduleClaim Scheduler::schedule_claim_locked(Shard& sh, OpPtr existing, bool late,
+                                                          const std::string& rid,
+                                                          const Uuid& uuid, Mode mode,
+                                                          std::vector<OpPtr>* evicted_held) {
+  ScheduleClaim c;
+  if (existing) {
+    // order: relaxed — claims publish nothing; the fields are published by the release in
+    // the kTransferPublished fetch_or in schedule_finish().
+    existing->halves.fetch_or(Op::kTransferClaimed, std::memory_order_relaxed);
+    c.op = std::move(existing);
+    return c;
+  }
+  if (late) {
+    c.late = true;
+    return c;
+  }
+  // rid_mu_ is held (caller) under the shard lock: "is the rid cancelled?" and "register as
+  // pending" must be one step against cancel_slot(), or a half could slip between its two steps.
+  auto op = std::make_shared<Op>(uuid, rid, mode);
+  // order: relaxed (all stores here) — the op is published by the shard lock.
+  op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
+  c.held_cancel = mode == Mode::kScheduled && rid_cancelled_locked(rid);
+  if (c.held_cancel) {
+    // S6: decided CANCEL at once, and held in the join table (decided and ended before it is
+    // shared) so that a worker half of a later slot of this rid joins it and counts it
+    // cancelled instead of waiting for a transfer half that already came.
+    op->decision.store(static_cast<uint8_t>(Decision::kCancel), std::memory_order_relaxed);
+    op->outcome.store(static_cast<uint8_t>(Outcome::kCancelled), std::memory_order_relaxed);
+    op->counted.store(Op::kEnded, std::memory_order_relaxed);
+  }
+  // The table first: if a bookkeeping push below throws (bad_alloc), the entry is taken out
+  // again and the element leaves the scheduler as it was (S8).
+  auto [entry, inserted] = sh.map.emplace(uuid, op);
+  (void)inserted;  // the check under this lock found no entry
+  try {
+    if (c.held_cancel) {
+      hold_locked(op, evicted_held);
+    } else if (mode == Mode::kScheduled) {
+      pending_by_rid_[rid].push_back(op);
+    }
+  } catch (...) {
+    sh.map.erase(entry);
+    throw;
+  }
+  c.op = std::move(op);
+  c.created = true;
+  return c;
+}
+
+OpPtr Scheduler::schedule_finish(ScheduleClaim& claim, const std::string& rid, const Uuid& uuid,
+                                 uint64_t requirement, Mode mode) {
+  if (claim.late) return standalone_cancel(rid, uuid, mode);
+  OpPtr& op = claim.op;
   bump(counters_.scheduled);
-  if (held_cancel) {
+  if (claim.held_cancel) {
     bump(counters_.late_cancelled);
     bump(counters_.cancelled);
   }
@@ -469,7 +606,7 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
     // order: relaxed — delivery is claimed by the creator; readers use exchange/acquire.
     op->delivered.store(true, std::memory_order_relaxed);
     decide(op, Decision::kExecute);
-  } else if (created && !held_cancel && config_.op_timeout_ns > 0) {
+  } else if (claim.created && !claim.held_cancel && config_.op_timeout_ns > 0) {
     std::lock_guard<Mutex> lock(deadline_mu_);
     deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
     deadline_cv_.notify_one();
@@ -488,6 +625,60 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
   // A close() that raced with this call may have scanned the shard before the op was inserted.
   if (closed()) decide(op, Decision::kCancel);
   return op;
+}
+
+OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t requirement,
+                          Mode mode) {
+  check_open(rid, &uuid);
+  ScheduleClaim claim;
+  std::vector<OpPtr> evicted_held;
+  {
+    Shard& sh = shard(uuid);
+    std::lock_guard<Mutex> shard_lock(sh.mu);
+    bool late = false;
+    OpPtr existing = schedule_check_locked(sh, rid, uuid, mode, &late);
+    if (existing || late) {
+      claim = schedule_claim_locked(sh, std::move(existing), late, rid, uuid, mode, &evicted_held);
+    } else {
+      std::lock_guard<Mutex> rid_lock(rid_mu_);
+      claim = schedule_claim_locked(sh, nullptr, false, rid, uuid, mode, &evicted_held);
+    }
+  }
+  if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
+  return schedule_finish(claim, rid, uuid, requirement, mode);
+}
+
+std::vector<OpPtr> Scheduler::schedule_many(const std::string& rid,
+                                            const std::vector<Uuid>& uuids,
+                                            uint64_t requirement, Mode mode) {
+  check_open(rid, uuids.empty() ? nullptr : &uuids[0]);
+  std::vector<OpPtr> out;
+  if (uuids.empty()) return out;
+  check_distinct(rid, uuids);
+  std::vector<ScheduleClaim> claims;
+  claims.reserve(uuids.size());
+  out.reserve(uuids.size());
+  std::vector<OpPtr> evicted_held;
+  {
+    std::vector<std::unique_lock<Mutex>> shard_locks;
+    for (Shard* sh : lock_order(uuids)) shard_locks.emplace_back(sh->mu);
+    // Every element is checked before any is applied: a refusal changes nothing (S8).
+    std::vector<OpPtr> existing(uuids.size());
+    std::vector<char> late(uuids.size(), 0);
+    for (size_t i = 0; i < uuids.size(); ++i) {
+      bool l = false;
+      existing[i] = schedule_check_locked(shard(uuids[i]), rid, uuids[i], mode, &l);
+      late[i] = l;
+    }
+    std::lock_guard<Mutex> rid_lock(rid_mu_);  // lock order: shards -> rid_mu_
+    for (size_t i = 0; i < uuids.size(); ++i)
+      claims.push_back(schedule_claim_locked(shard(uuids[i]), std::move(existing[i]), late[i] != 0,
+                                             rid, uuids[i], mode, &evicted_held));
+  }
+  if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
+  for (size_t i = 0; i < uuids.size(); ++i)
+    out.push_back(schedule_finish(claims[i], rid, uuids[i], requirement, mode));
+  return out;
 }
 
 void Scheduler::on_joined(const OpPtr& op) {
@@ -683,7 +874,7 @@ Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
 }
 
 std::vector<OpPtr> Scheduler::poll(size_t max_items, Clock::time_point deadline) {
-  check_open("-", nullptr);
+  check_open_worker_call();
   std::vector<OpPtr> skipped;
   auto out = poll_queue_.pop(max_items, deadline, &skipped);
   for (auto& op : skipped) on_handle_dropped(op);
@@ -698,17 +889,66 @@ bool Scheduler::deliver(const OpPtr& op) {
   return !op->delivered.exchange(true, std::memory_order_acq_rel);
 }
 
-void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error) {
+void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error,
+                              bool by_engine) {
+  check_not_inherited();
   const Decision d = op->load_decision();
   if (d != Decision::kExecute)
     fail(ErrorCode::kProtocol, op->rid, &op->uuid,
          d == Decision::kNone ? "mark_complete on an undecided handle"
                               : "mark_complete on a handle decided CANCEL");
+  if (!by_engine) {
+    uint8_t free_marker = Op::kMarkerFree;
+    // order: acq_rel — one CAS against claim_transfer(): either the engine owns the op (and we
+    // refuse), or we do (and no copy can start for it any more).
+    if (!op->marker.compare_exchange_strong(free_marker, Op::kMarkerCaller,
+                                            std::memory_order_acq_rel) &&
+        free_marker == Op::kMarkerEngine) {
+      fail(ErrorCode::kProtocol, op->rid, &op->uuid,
+           op->load_outcome() == Outcome::kOpen
+               ? "mark_complete on a handle a TransferEngine is copying (the engine marks it when "
+                 "the copy ends)"
+               : "handle already marked (by its TransferEngine; second mark ignored)");
+    }
+  }
   // Marking shows the caller knew the decision: it counts as delivery, so poll() does not hand
   // out an operation that has ended. order: acq_rel — as the claims in deliver()/PollQueue::pop().
   op->delivered.exchange(true, std::memory_order_acq_rel);
-  if (!end_op(op, ok ? Outcome::kCompleted : Outcome::kFailed, ok ? std::string() : error))
+  if (!end_op(op, ok ? Outcome::kCompleted : Outcome::kFailed,
+              ok ? std::string() : cut_text(error, kMaxErrorBytes)))
     fail(ErrorCode::kProtocol, op->rid, &op->uuid, "handle already marked (second mark ignored)");
+}
+
+void Scheduler::claim_transfer(const OpPtr& op) {
+  check_not_inherited();
+  const Decision d = op->load_decision();
+  if (d != Decision::kExecute)
+    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
+         d == Decision::kNone ? "only an EXECUTE handle can be submitted, this one is undecided"
+                              : "only an EXECUTE handle can be submitted, this one is CANCEL");
+  uint8_t free_marker = Op::kMarkerFree;
+  // order: acq_rel — see mark_complete(): the one CAS that orders an engine's claim against a
+  // caller's mark.
+  if (!op->marker.compare_exchange_strong(free_marker, Op::kMarkerEngine,
+                                          std::memory_order_acq_rel)) {
+    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
+         free_marker == Op::kMarkerEngine
+             ? "already submitted to a TransferEngine (its copy runs once; nothing copied again)"
+             : "the operation has been marked (it ended, its blocks may belong to another request "
+               "now); nothing copied");
+  }
+  // A handle dropped or failed by close() before any mark (outcome no longer open) is refused too.
+  if (op->load_outcome() != Outcome::kOpen) {
+    release_transfer_claim(op);
+    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
+         "the operation has ended; nothing copied");
+  }
+}
+
+void Scheduler::release_transfer_claim(const OpPtr& op) {
+  uint8_t engine = Op::kMarkerEngine;
+  // order: acq_rel — as claim_transfer().
+  op->marker.compare_exchange_strong(engine, Op::kMarkerFree, std::memory_order_acq_rel);
 }
 
 bool Scheduler::on_handle_dropped(const OpPtr& op, bool evicted_from_backlog) {
@@ -778,8 +1018,11 @@ void Scheduler::deadline_loop() {
       char buf[64];
       std::snprintf(buf, sizeof buf, "%g", secs);
       if (decide(op, Decision::kCancel,
-                 "timed out after " + std::string(buf) + " s undecided (" + why + ")"))
+                 "timed out after " + std::string(buf) + " s undecided (" + why + ")")) {
         bump(counters_.timed_out);
+        // A transfer half whose worker half never came is held (bounded) for a late worker half.
+        if (!(h & Op::kWorkerPublished)) hold_decided_halves({op});
+      }
     }
     lock.lock();
   }
@@ -854,6 +1097,7 @@ std::vector<std::pair<std::string, double>> Scheduler::stats() const {
       {"late_cancelled", get(counters_.late_cancelled)},
       {"removed_forgotten", get(counters_.removed_forgotten)},
       {"backlog_evicted", get(counters_.backlog_evicted)},
+      {"held_forgotten", get(counters_.held_forgotten)},
       {"inflight", static_cast<double>(tokens_.in_use())},
       {"peak_inflight", get(counters_.peak_inflight)},
       {"max_inflight", static_cast<double>(tokens_.capacity())},

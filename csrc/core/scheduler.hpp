@@ -19,12 +19,19 @@
 //                                           lock only to record an error or a finished slot
 //     wait_decision, poll ................. blocking with timeout (condition variables)
 //   close ................................. blocking, O(live ops); idempotent
+//   enqueue_many, schedule_many ........... all-or-nothing: every element is checked under the
+//                                           slot lock and all the shard locks involved (taken in
+//                                           shard order) before any is applied
 // Consistency: linearizable per uuid (each transition is one atomic CAS/fetch_or); stats() is a
 // best-effort snapshot. Every method may run concurrently with every other, including close();
 // construction and destruction may not. Memory: removed uuids are remembered up to
-// Config::removed_memory, cancelled rids up to the same bound, decided-but-untaken handles up to
-// Config::poll_backlog. Not checked: that uuids are globally unique across requests beyond the
-// checks of SPEC S1/S8.
+// Config::removed_memory, cancelled rids up to the same bound, transfer halves decided CANCEL
+// before any worker half came ("held halves": their rid was cancelled, or they timed out) up to
+// the same bound, oldest forgotten first (stats: held_cancels, held_forgotten); decided-but-
+// untaken handles up to Config::poll_backlog. Not checked: that uuids are globally unique across
+// requests beyond the checks of SPEC S1/S8.
+// Fork: a scheduler belongs to the process that created it; in a forked child every call raises
+// ErrorCode::kForked (fork_guard.hpp) and the binding layer never destroys it there.
 #pragma once
 
 #include <chrono>
@@ -38,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include "fork_guard.hpp"
 #include "gate.hpp"
 #include "latency_histogram.hpp"
 #include "op.hpp"
@@ -80,6 +88,9 @@ class Scheduler {
   // ---- worker side ----
   void create_slot(const std::string& rid);
   void enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mode mode);
+  // All or nothing: a duplicate (within the batch or with the table) or a disagreeing half
+  // raises before any element is enqueued.
+  void enqueue_many(const std::string& rid, const std::vector<Uuid>& uuids, Kind kind, Mode mode);
   uint64_t start_next_iteration();
   void mark_layer_complete(uint64_t layer);
   void mark_iteration_complete();
@@ -92,6 +103,9 @@ class Scheduler {
   // ---- transfer side ----
   // Never blocks on other threads' progress. Returns the op (decided or not).
   OpPtr schedule(const std::string& rid, const Uuid& uuid, uint64_t requirement, Mode mode);
+  // All or nothing, as enqueue_many.
+  std::vector<OpPtr> schedule_many(const std::string& rid, const std::vector<Uuid>& uuids,
+                                   uint64_t requirement, Mode mode);
   // Waits until `op` is decided, the scheduler closes, or `deadline`. Returns the decision
   // (kNone on timeout or close).
   Decision wait_decision(const OpPtr& op, Clock::time_point deadline);
@@ -101,9 +115,15 @@ class Scheduler {
   // Gives back one view reference; fails the op as dropped if it was the last one (see
   // on_handle_dropped). Returns true then.
   bool release_view(const OpPtr& op);
-  // ok=false marks the op failed with `error`. Throws ProtocolError for a second mark or for an op
-  // not decided EXECUTE, and changes nothing then.
-  void mark_complete(const OpPtr& op, bool ok, const std::string& error);
+  // ok=false marks the op failed with `error` (cut to kMaxErrorBytes). Throws ProtocolError for a
+  // second mark, for an op not decided EXECUTE, or (by_engine=false) for an op a transfer engine
+  // has claimed, and changes nothing then.
+  void mark_complete(const OpPtr& op, bool ok, const std::string& error, bool by_engine = false);
+  // A transfer engine takes the op's copy: throws ProtocolError unless the op is decided EXECUTE,
+  // has not ended and no engine claimed it before. release_transfer_claim() gives it back (the
+  // engine refused the job before copying anything).
+  void claim_transfer(const OpPtr& op);
+  void release_transfer_claim(const OpPtr& op);
   // Claims delivery of a decided op (the user saw its decision). Returns true the first time.
   bool deliver(const OpPtr& op);
   // The binding layer's last handle object for `op` went away. Fails the op as dropped when its
@@ -112,6 +132,10 @@ class Scheduler {
 
   void close();
   bool closed() const;
+  // True in a process forked from the one that created this scheduler (fork_guard.hpp).
+  bool inherited() const { return fork_generation() != fork_generation_; }
+  // Throws ErrorCode::kForked when inherited().
+  void check_not_inherited() const;
   std::vector<std::pair<std::string, double>> stats() const;
   const Config& config() const { return config_; }
   uint64_t progress_position() const { return progress_.load(); }
@@ -129,10 +153,44 @@ class Scheduler {
     Atomic<uint64_t> slots_created{0}, slots_removed{0}, enqueued{0}, scheduled{0},
         immediate{0}, joined{0}, executed{0}, completed{0}, failed{0}, cancelled{0}, dropped{0},
         timed_out{0}, late_cancelled{0}, removed_forgotten{0}, backlog_evicted{0},
-        peak_inflight{0};
+        held_forgotten{0}, peak_inflight{0};
+  };
+
+  // An op claimed under its shard lock by schedule()/schedule_many(), finished after the locks.
+  struct ScheduleClaim {
+    OpPtr op;
+    bool created = false;
+    bool late = false;         // a half of a removed slot's op: decided CANCEL standalone
+    bool held_cancel = false;  // its rid is cancelled: born CANCEL and held
+  };
+  struct EnqueueClaim {
+    OpPtr op;
+    bool created = false;
   };
 
   void check_open(const std::string& rid, const Uuid* uuid) const;
+  void check_open_worker_call() const;
+  // Checks one element under its shard lock (and slot->mu): throws, changes nothing.
+  OpPtr enqueue_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid, Mode mode);
+  EnqueueClaim enqueue_claim_locked(Shard& sh, const SlotPtr& slot, OpPtr existing,
+                                    const std::string& rid, const Uuid& uuid, Kind kind,
+                                    Mode mode);
+  void enqueue_finish(const EnqueueClaim& claim, Mode mode, bool cancel_now);
+  // Returns the existing op (or null); *late: the uuid belongs to a removed slot's op.
+  OpPtr schedule_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid, Mode mode,
+                              bool* late);
+  // Creating claims need rid_mu_ held (caller), see schedule().
+  ScheduleClaim schedule_claim_locked(Shard& sh, OpPtr existing, bool late,
+                                      const std::string& rid, const Uuid& uuid, Mode mode,
+                                      std::vector<OpPtr>* evicted_held);
+  OpPtr schedule_finish(ScheduleClaim& claim, const std::string& rid, const Uuid& uuid,
+                        uint64_t requirement, Mode mode);
+  // Keeps a transfer half decided CANCEL without a worker half (rid cancelled, or timed out) in
+  // the bounded held list; rid_mu_ held. Appends what falls out of the bound to *evicted.
+  void hold_locked(const OpPtr& op, std::vector<OpPtr>* evicted);
+  void hold_decided_halves(const std::vector<OpPtr>& ops);
+  std::vector<Shard*> lock_order(const std::vector<Uuid>& uuids);
+  static void check_distinct(const std::string& rid, const std::vector<Uuid>& uuids);
   SlotPtr find_slot(const std::string& rid) const;
   Shard& shard(const Uuid& u) { return shards_[UuidHash{}(u) & (shards_.size() - 1)]; }
   bool rid_cancelled_locked(const std::string& rid) const;
@@ -157,6 +215,8 @@ class Scheduler {
   void push_poll(const OpPtr& op);
 
   const Config config_;
+  const uint64_t fork_generation_ = fork_generation();
+  const long creator_pid_ = static_cast<long>(getpid());
   Progress progress_;
   TokenPool tokens_;
   Gate gate_;

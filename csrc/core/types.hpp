@@ -76,7 +76,24 @@ enum class ErrorCode : uint8_t {
   kProtocol,
   kClosed,
   kInvalidArgument,
+  kForked,  // the scheduler was inherited by a forked child (fork_guard.hpp)
 };
+
+// Bounds on text the core keeps or quotes. An error recorded on a slot (slot_status().errors) is
+// cut to kMaxErrorBytes: a caller's 50 MB message must not live in every snapshot. A request id
+// quoted in an error message is cut to kMaxQuotedBytes: the message names the request, it does
+// not copy a 10 MB id.
+constexpr size_t kMaxErrorBytes = 4096;
+constexpr size_t kMaxQuotedBytes = 200;
+
+// `text` unchanged when it fits in `max` bytes, else its first bytes and how much was cut. The
+// cut never splits a UTF-8 sequence (it backs up over continuation bytes).
+inline std::string cut_text(const std::string& text, size_t max) {
+  if (text.size() <= max) return text;
+  size_t n = max;
+  while (n > 0 && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80) --n;
+  return text.substr(0, n) + "... (" + std::to_string(text.size() - n) + " more bytes)";
+}
 
 // The one exception type of the core. Every public operation validates before it mutates, so an
 // Error always leaves the scheduler as it was (SPEC S8). The binding layer maps `code` to the

@@ -12,6 +12,7 @@ from .errors import (
     KvschedError,
     ProtocolError,
     SchedulerClosedError,
+    SchedulerForkedError,
     SlotBusyError,
     SlotExistsError,
     UnknownSlotError,
@@ -35,7 +36,7 @@ __all__ = [
     "LayerComplete", "LayerNameComplete", "IterationComplete",
     "KvschedError", "SlotExistsError", "UnknownSlotError", "SlotBusyError",
     "DuplicateOperationError", "ProtocolError", "HandleDroppedError", "SchedulerClosedError",
-    "InvalidArgumentError",
+    "SchedulerForkedError", "InvalidArgumentError",
     "BlockPool", "TransferEngine",
 ]
 

@@ -16,6 +16,7 @@ __all__ = [
     "ProtocolError",
     "HandleDroppedError",
     "SchedulerClosedError",
+    "SchedulerForkedError",
     "InvalidArgumentError",
 ]
 
@@ -52,6 +53,16 @@ class HandleDroppedError(KvschedError):
 
 class SchedulerClosedError(KvschedError):
     """The scheduler was closed; no further calls are accepted."""
+
+
+class SchedulerForkedError(SchedulerClosedError):
+    """The object was created in another process and inherited by ``fork()``.
+
+    A forked child gets a copy of the parent's memory but none of its threads: an inherited
+    scheduler or transfer engine would hang on locks held by threads that are not there, or
+    move bytes the parent also moves. Every call on it raises this error (``close()`` is a
+    no-op); create new ones in the child. A :class:`SchedulerClosedError`, so code that handles
+    a closed scheduler handles this too."""
 
 
 class InvalidArgumentError(KvschedError, ValueError):

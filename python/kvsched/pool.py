@@ -319,6 +319,11 @@ def _pieces_overlap(delta: int, n: int, size: int, stride: int) -> bool:
 def _block_geometry(info: ArrayInfo, block_dim: int) -> dict[str, Any]:
     """Pieces, piece size and block stride of an array whose block dimension is ``block_dim``."""
     shape, strides = info.shape, info.strides
+    if any(d == 0 for d in shape[block_dim + 1 :]) or any(d == 0 for d in shape[:block_dim]):
+        raise InvalidArgumentError(
+            f"blocks of zero bytes: a dimension of the array is 0 (shape {shape}, block_dim "
+            f"{block_dim}); a pool's blocks must hold at least one element"
+        )
     trailing = c_contiguous_nbytes(shape[block_dim + 1 :], strides[block_dim + 1 :], info.itemsize)
     if trailing is None:
         trailing = _dense_in_some_order(shape[block_dim + 1 :], strides[block_dim + 1 :], info.itemsize)

@@ -351,12 +351,15 @@ class _Worker:
             s._enter(f"request {rid!r}")
             slot = s._slots.get(rid)
             victims = list(slot.ops.values()) if slot else []
-            victims += list(s._waiting_t.get(rid, {}).values())
+            lone = list(s._waiting_t.pop(rid, {}).values())  # transfer halves without worker half
+            victims += lone
             if slot:
                 slot.cancelled_flag = True
             for op in victims:
                 if op.decision is None and op.mode is SCHEDULED:
                     s._cancel(op)
+            for op in lone:  # held for a late worker half, bounded (never kept for ever)
+                s._hold_cancel(op)
             s._cancelled_rids[rid] = True
             s._cancelled_rids.move_to_end(rid)
             if len(s._cancelled_rids) > max(s._removed_cap, 1):
@@ -601,6 +604,13 @@ class ReferenceScheduler:
                 self._stats["timed_out"] += 1
                 self._cancel(op, f"{_ctx(op.rid, op.uuid)} timed out after "
                                  f"{self._op_timeout:g} s waiting for {what}")
+                if op.has_transfer and not op.has_worker:  # held for a late worker half, bounded
+                    waiting = self._waiting_t.get(op.rid)
+                    if waiting is not None:
+                        waiting.pop(op.uuid, None)
+                        if not waiting:
+                            del self._waiting_t[op.rid]
+                    self._hold_cancel(op)
 
     def _new_op(self, u, rid, mode):
         op = _Op(u, rid, mode)
@@ -733,8 +743,9 @@ class ReferenceScheduler:
             self._finished[slot.rid] = slot
 
     def _hold_cancel(self, op):
-        """A transfer half decided CANCEL for a cancelled rid waits in the table for its worker
-        half; at most removed_memory of them (the oldest unjoined one is forgotten)."""
+        """A transfer half decided CANCEL before any worker half came (its rid was cancelled, or
+        it timed out) waits in the table for its worker half; at most removed_memory of them (the
+        oldest unjoined one is forgotten)."""
         self._held.append(op)  # by identity: a uuid may be held again once forgotten elsewhere
         while len(self._held) > max(self._removed_cap, 1):
             old = self._held.popleft()

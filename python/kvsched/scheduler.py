@@ -9,12 +9,60 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
+import operator
 from typing import Any, Sequence
 
 from . import _core
 from .protocol import Decision
 
 __all__ = ["Scheduler", "Handle", "WorkerSide", "TransferSide"]
+
+# Ranges of the constructor's arguments (docs/semantics.md "Ranges"). Durations are whole
+# nanoseconds in the core: every accepted duration is honoured as given, never wrapped or rounded
+# to "never".
+MAX_INFLIGHT = 2**31 - 1
+MAX_MEMORY = 2**32  # removed_memory, poll_backlog: entries remembered
+MAX_LAYERS = 2**24 - 2  # layer indices are 0 .. 2**24-3 (LayerComplete.layer's range)
+MIN_OP_TIMEOUT_S = 1e-9  # one nanosecond: the core's resolution
+MAX_DURATION_S = 1e9  # about 31.7 years; far below int64 nanoseconds (292 years)
+
+
+def _int(name: str, value: Any, lo: int, hi: int) -> int:
+    """An integer argument: an int or anything with ``__index__`` (numpy integers), not a bool."""
+    from .errors import InvalidArgumentError
+
+    if isinstance(value, bool) or isinstance(value, float) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        v = operator.index(value)
+    except Exception:  # noqa: BLE001 - a broken __index__ is the caller's wrong type
+        raise TypeError(f"{name} must be an int ({type(value).__name__}.__index__ failed)") from None
+    if not lo <= v <= hi:
+        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {_short(v)}")
+    return v
+
+
+def _seconds(name: str, value: Any, lo: float) -> float:
+    """A duration in seconds: a real number in [lo, MAX_DURATION_S] (numpy scalars accepted)."""
+    from .errors import InvalidArgumentError
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    if math.isnan(v) or not lo <= v <= MAX_DURATION_S:
+        raise InvalidArgumentError(
+            f"{name} must be in [{lo:g}, {MAX_DURATION_S:g}] seconds, got {_short(value)}"
+        )
+    return v
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 Handle = _core.Handle
 WorkerSide = _core.WorkerSide
@@ -52,12 +100,18 @@ class Scheduler:
         layer_names: names for ``LayerNameComplete`` and ``mark_layer_complete(name)``; also sets
             ``num_layers``.
         op_timeout: seconds after which an operation still undecided is cancelled (S12); None:
-            never.
+            never. From 1e-9 (one nanosecond) to 1e9 seconds.
         num_layers: layers per iteration, to reject out-of-range marks (S7); None: unchecked.
         removed_memory: uuids of removed slots (and cancelled request ids) remembered so that a
             late transfer half is cancelled at once (S6).
         poll_backlog: decided handles kept for ``transfer.poll`` (S4).
-        store_starvation_s: a ready STORE waiting longer than this goes before loads (S3).
+        store_starvation_s: a ready STORE waiting longer than this goes before loads (S3); from 0
+            to 1e9 seconds.
+
+    Integer arguments take anything with ``__index__`` (numpy integers); out-of-range values raise
+    :class:`~kvsched.InvalidArgumentError` naming the argument and its range. In a process forked
+    from the one that made it, a scheduler raises :class:`~kvsched.SchedulerForkedError` on every
+    call (``close()`` does nothing there): make a new one in the child.
     """
 
     def __init__(
@@ -73,28 +127,28 @@ class Scheduler:
     ) -> None:
         from .errors import InvalidArgumentError
 
-        def _int(name: str, value: Any, lo: int) -> int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if value < lo:
-                raise InvalidArgumentError(f"{name} must be >= {lo}, got {value}")
-            return value
-
-        _int("max_inflight", max_inflight, 1)
-        _int("removed_memory", removed_memory, 1)
-        _int("poll_backlog", poll_backlog, 1)
+        _int("max_inflight", max_inflight, 1, MAX_INFLIGHT)
+        _int("removed_memory", removed_memory, 1, MAX_MEMORY)
+        _int("poll_backlog", poll_backlog, 1, MAX_MEMORY)
         names: list[str] = []
         if layer_names is not None:
-            if isinstance(layer_names, str):
-                raise TypeError("layer_names must be a list of str, not a str")
-            names = list(layer_names)
+            if isinstance(layer_names, (str, bytes)):
+                raise TypeError("layer_names must be a list of str, not a single str")
+            try:
+                names = list(layer_names)
+            except TypeError:
+                raise TypeError(
+                    f"layer_names must be a list of str, not {type(layer_names).__name__}"
+                ) from None
             for n in names:
                 if not isinstance(n, str):
                     raise TypeError(f"layer names must be str, not {type(n).__name__}")
             if len(set(names)) != len(names):
                 raise InvalidArgumentError("layer_names contains duplicates")
+            if len(names) > MAX_LAYERS:
+                raise InvalidArgumentError(f"at most {MAX_LAYERS} layer_names, got {len(names)}")
         if num_layers is not None:
-            _int("num_layers", num_layers, 1)
+            num_layers = _int("num_layers", num_layers, 1, MAX_LAYERS)
             if names and num_layers != len(names):
                 raise InvalidArgumentError(
                     f"num_layers={num_layers} disagrees with {len(names)} layer_names"
@@ -102,25 +156,23 @@ class Scheduler:
         layers = num_layers if num_layers is not None else len(names)
         timeout = 0.0
         if op_timeout is not None:
-            if isinstance(op_timeout, bool) or not isinstance(op_timeout, (int, float)):
-                raise TypeError("op_timeout must be None or a number of seconds")
-            if not (op_timeout > 0) or math.isinf(op_timeout):
-                raise InvalidArgumentError(f"op_timeout must be a positive number, got {op_timeout}")
-            timeout = float(op_timeout)
-        if isinstance(store_starvation_s, bool) or not isinstance(store_starvation_s, (int, float)):
-            raise TypeError("store_starvation_s must be a number of seconds")
-        if not (store_starvation_s >= 0):
-            raise InvalidArgumentError("store_starvation_s must be >= 0")
+            timeout = _seconds("op_timeout", op_timeout, MIN_OP_TIMEOUT_S)
+        starvation = _seconds("store_starvation_s", store_starvation_s, 0.0)
 
         self._core = _core.Core(
-            max_inflight, layers, timeout, removed_memory, poll_backlog,
-            float(store_starvation_s), names,
+            int(max_inflight), layers, timeout, int(removed_memory), int(poll_backlog),
+            starvation, names,
         )
-        self.max_inflight = max_inflight
+        self.max_inflight = int(max_inflight)
         self.layer_names = tuple(names)
         self.op_timeout = op_timeout
         self.worker: WorkerSide = self._core.worker
         self.transfer: TransferSide = self._core.transfer
+
+    @property
+    def inherited(self) -> bool:
+        """True in a process forked from the one that created this scheduler (it is unusable)."""
+        return self._core.inherited
 
     def stats(self) -> dict[str, float | int]:
         """Counters (ints) and latency figures (floats, microseconds): a best-effort snapshot."""

@@ -19,11 +19,12 @@ handle untouched, so the engine's forward thread can retry at its next step or m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import Any, Callable
 
-from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError
+from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError, SchedulerForkedError
 from kvsched.protocol import Decision
 from kvsched.transfer.cudart import cuda_available
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
@@ -38,6 +39,19 @@ log = logging.getLogger("kvsched")
 _EXECUTE = Decision.EXECUTE
 
 _HOST_OPTIONS = ("workers", "split_bytes", "event_timeout")
+
+# Bumped in every forked child (os.register_at_fork): an engine made in another generation was
+# inherited, and its worker threads, streams and queues are not in this process.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime",
                  "driver")
 
@@ -81,6 +95,8 @@ class TransferEngine:
         if backend not in ("auto", "host", "cuda"):
             raise InvalidArgumentError(f"backend must be 'auto', 'host' or 'cuda', got {backend!r}")
         self.scheduler = scheduler
+        self._generation = _fork_generation
+        self._pid = os.getpid()
         self._host_options = {k: options[k] for k in _HOST_OPTIONS if k in options}
         self._host_options.update(max_pending=max_pending, fault_hook=fault_hook)
         cuda_options = {k: options[k] for k in _CUDA_OPTIONS if k in options}
@@ -110,7 +126,7 @@ class TransferEngine:
             self._host = HostBackend(**self._host_options)
         log.info("kvsched: TransferEngine backend=%s (%s)", self.backend, self.backend_reason)
         self._backends = [b for b in (self._cuda, self._host) if b is not None]
-        self._finalizer = weakref.finalize(self, _abandon, self._backends)
+        self._finalizer = weakref.finalize(self, _abandon, self._backends, self._generation)
 
     # ------------------------------------------------------------------------------ submit
 
@@ -137,6 +153,8 @@ class TransferEngine:
         wrote the blocks (store) or after its last read of blocks being reused (load). Returns the
         :class:`TransferJob`; ``job.wait_on(stream)`` makes a stream wait for a load."""
         rid, uid = getattr(h, "request_id", None), getattr(h, "uuid", None)
+        if self._generation != _fork_generation:
+            self._raise_forked("submit")
         if self._closed:
             raise TransferEngineClosedError(f"submit of request {rid!r} op {uid} after close()")
         if not callable(getattr(h, "mark_complete", None)):
@@ -149,6 +167,7 @@ class TransferEngine:
             )
         try:
             plan = build_plan(src, dst, pairs, layers)
+            _check_writable(dst)
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"request {rid!r} op {uid}: {exc}") from None
         except TypeError as exc:
@@ -161,6 +180,17 @@ class TransferEngine:
         with self._lock:  # counted as submitted now, taken back if the backend refuses it
             if key in inflight:
                 raise ProtocolError(f"request {rid!r} op {uid} is already being transferred")
+            # The handle's operation must still be open and copied by no one else: a handle that
+            # ended (its job completed, or the caller marked it) or that another engine copies
+            # would write blocks that may belong to another request by now. The claim is one
+            # atomic step in the core; handles without it (stand-ins) are checked by outcome.
+            claim = getattr(h, "_claim_transfer", None)
+            if claim is not None:
+                claim()
+            elif getattr(h, "outcome", "open") not in ("open", None):
+                raise ProtocolError(
+                    f"request {rid!r} op {uid} has ended ({h.outcome}); nothing copied"
+                )
             inflight.add(key)
             stats["submitted"] += 1
         job = TransferJob(h, plan, kind)
@@ -176,6 +206,9 @@ class TransferEngine:
                 stats["submitted"] -= 1
                 if isinstance(exc, TransferQueueFullError):
                     stats["rejected"] += 1
+            release = getattr(h, "_release_transfer_claim", None)
+            if release is not None:
+                release()  # nothing was copied: the handle is the caller's again
             raise
         return job
 
@@ -208,6 +241,8 @@ class TransferEngine:
     @property
     def pending(self) -> int:
         """Jobs submitted and not finished."""
+        if self._generation != _fork_generation:
+            self._raise_forked("pending")
         return sum(b.pending for b in (self._cuda, self._host) if b is not None)
 
     def stream(self, kind: str) -> int:
@@ -222,6 +257,8 @@ class TransferEngine:
         return bool(self._cuda is not None and self._cuda.batch_enabled)
 
     def stats(self) -> dict[str, Any]:
+        if self._generation != _fork_generation:
+            self._raise_forked("stats")
         with self._lock:
             out: dict[str, Any] = dict(self._stats)
         out["pending"] = self.pending
@@ -234,16 +271,35 @@ class TransferEngine:
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted job finished (tests, tools, shutdown). False on timeout."""
+        if self._generation != _fork_generation:
+            self._raise_forked("wait_idle")
         ok = True
         for b in (self._cuda, self._host):
             if b is not None:
                 ok = b.wait_idle(timeout) and ok
         return ok
 
+    def _raise_forked(self, what: str) -> None:
+        raise SchedulerForkedError(
+            f"{what}: this TransferEngine was created in process {self._pid} and inherited by "
+            f"fork() into process {os.getpid()}; its threads and queues stay in the parent. "
+            f"Create a new TransferEngine (and Scheduler) in the child"
+        )
+
+    @property
+    def inherited(self) -> bool:
+        """True in a process forked from the one that created this engine (it is unusable)."""
+        return self._generation != _fork_generation
+
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new jobs, wait for in-flight copies to land (their handles get marked), release
-        threads, streams and events. Idempotent. False if ``timeout`` expired first."""
+        threads, streams and events. Idempotent. False if ``timeout`` expired first. In a forked
+        child, closing an inherited engine does nothing and returns at once (its threads are in
+        the parent)."""
         self._closed = True
+        if self._generation != _fork_generation:
+            self._finalizer.detach()
+            return True
         ok = True
         for b in (self._cuda, self._host):
             if b is not None:
@@ -259,10 +315,27 @@ class TransferEngine:
         self.close()
 
     def __repr__(self) -> str:
+        if self._generation != _fork_generation:
+            return f"TransferEngine(backend={self.backend!r}, inherited by fork: unusable)"
         return f"TransferEngine(backend={self.backend!r}, pending={self.pending}, closed={self._closed})"
 
 
-def _abandon(backends: list[Any]) -> None:
+def _check_writable(dst: Any) -> None:
+    """The destination's arrays must be writable now, not only when the pool was built: numpy
+    lets a caller set ``arr.flags.writeable = False`` at any time."""
+    if dst.readonly:
+        raise InvalidArgumentError("the destination pool is read-only")
+    for owner in dst._owners:
+        flags = getattr(owner, "flags", None)
+        if flags is not None and getattr(flags, "writeable", True) is False:
+            raise InvalidArgumentError(
+                "the destination pool's array was made read-only after the pool was built"
+            )
+
+
+def _abandon(backends: list[Any], generation: int) -> None:
+    if generation != _fork_generation:
+        return  # a forked child's copy: the threads and streams are the parent's
     for b in backends:
         try:
             if hasattr(b, "abandon"):

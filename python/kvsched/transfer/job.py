@@ -129,11 +129,14 @@ class TransferJob:
             )
             if isinstance(error, BaseException):
                 failure.__cause__ = error
+        # A kvsched handle claimed by the engine is marked through the engine's seam: the caller's
+        # own mark_complete() is refused while the copy runs (Scheduler::claim_transfer).
+        mark = getattr(handle, "_engine_mark", None) or handle.mark_complete
         try:
             if error is None:
-                handle.mark_complete()
+                mark()
             else:
-                handle.mark_complete(error=failure)
+                mark(error=failure)
         except Exception as exc:  # the scheduler closed, or the caller marked the handle already
             log.warning(
                 "kvsched: could not mark request %r op %s after its %s transfer: %s: %s",

@@ -486,6 +486,10 @@ def _layers(src: BlockPool, dst: BlockPool, layers: Any) -> np.ndarray:
         return np.arange(src.num_layers, dtype=np.int64)
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(
+            f"layers must be None, a layer index or a list of layer indices, not {type(layers).__name__}"
+        )
     out = []
     limit = min(src.num_layers, dst.num_layers)
     for layer in layers:
@@ -502,10 +506,17 @@ def _layers(src: BlockPool, dst: BlockPool, layers: Any) -> np.ndarray:
 def _pairs(pairs: Any) -> tuple[np.ndarray, np.ndarray]:
     if pairs is None:
         raise TypeError("pairs must be an (N, 2) array of block ids, got None")
-    arr = np.asarray(pairs)
+    try:
+        arr = np.asarray(pairs)
+    except (ValueError, OverflowError) as exc:  # ragged rows, ints beyond any numpy dtype
+        raise InvalidArgumentError(f"pairs must be an (N, 2) array of block ids: {exc}") from None
     if arr.size == 0:
         return _EMPTY, _EMPTY
     if arr.dtype.kind not in "iu":
+        if arr.dtype.kind in "fO" and _all_python_ints(pairs):
+            # Python ints beyond int64/uint64 make numpy pick float64 or object: the ids are
+            # integers, just out of range, and the error says so.
+            raise InvalidArgumentError("block id out of range (beyond int64)")
         raise TypeError(f"block ids must be integers, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise InvalidArgumentError(f"pairs must have shape (N, 2), got {arr.shape}")
@@ -513,6 +524,15 @@ def _pairs(pairs: Any) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidArgumentError("block id out of range")
     arr = arr.astype(np.int64, copy=False)
     return np.ascontiguousarray(arr[:, 0]), np.ascontiguousarray(arr[:, 1])
+
+
+def _all_python_ints(pairs: Any) -> bool:
+    try:
+        return all(
+            isinstance(v, int) and not isinstance(v, bool) for row in pairs for v in row
+        )
+    except TypeError:
+        return False
 
 
 def _runs(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
