@@ -156,6 +156,19 @@ class Worker:
             self.connector.worker._engine_options["fault_hook"] = fault_hook
         self.connector.register_kv_caches(self.kv)
         self.errors: list[str] = []
+        self.jobs: list[Any] = []
+        engine = self.connector.worker.engine
+        submit = engine.submit
+
+        def tracked(h: Any, *args: Any, **kwargs: Any) -> Any:
+            job = submit(h, *args, **kwargs)
+            self.jobs.append(job)
+            return job
+
+        engine.submit = tracked
+
+    def running_jobs(self, rid: str) -> list[Any]:
+        return [j for j in self.jobs if not j.done() and str(j.request_id).split("\x00")[0] == rid]
 
     def check_prefix(self, req: Request, block_ids: list[int], upto: int) -> None:
         for layer, name in enumerate(layer_names()):
@@ -164,7 +177,8 @@ class Worker:
                 got = read_kv(t, self.layout, block_ids[pos // BLOCK], pos % BLOCK)
                 want = kv_value(req.all_token_ids[pos], pos, layer)
                 if not bool((got == want).all()):
-                    self.errors.append(f"{req.request_id}: layer {layer} pos {pos}: {got.flatten()[0].item()} != {want}")
+                    self.step_errors[req.request_id] = (
+                        f"{req.request_id}: layer {layer} pos {pos}: {got.flatten()[0].item()} != {want}")
                     return
 
     def run(self, so: Any, requests: dict[str, Request], block_ids: dict[str, list[int]], starts: dict[str, int],
@@ -180,6 +194,7 @@ class Worker:
             c.start_load_kv(None)
         req_ids = list(so.num_scheduled_tokens)
         sampled: list[list[int]] = []
+        self.step_errors: dict[str, str] = {}
         if so.total_num_scheduled_tokens:
             for layer, name in enumerate(layer_names()):
                 c.wait_for_layer_load(name)
@@ -210,14 +225,30 @@ class Worker:
             kv_connector_worker_meta=c.build_connector_worker_meta(),
         )
         c.clear_connector_metadata()
+        # A synchronous (layerwise) load that failed is reported at the end of the step that
+        # computed on it; vLLM then discards that step's output for the request and recomputes.
+        for rid, msg in self.step_errors.items():
+            if not out.invalid_block_ids.intersection(block_ids[rid]):
+                self.errors.append(msg)
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                  sampled_token_ids=sampled, kv_connector_output=out)
 
 
 def next_token(req: Request) -> int:
     """The deterministic 'model': a function of every token so far."""
-    toks = req.all_token_ids
+    return _next(req.all_token_ids)
+
+
+def _next(toks: Any) -> int:
     return (sum(toks) * 7 + len(toks)) % (VOCAB - 10) + 5
+
+
+def expected_output(prompt_ids: list[int], max_tokens: int) -> list[int]:
+    toks, out = list(prompt_ids), []
+    for _ in range(max_tokens):
+        out.append(_next(toks))
+        toks.append(out[-1])
+    return out
 
 
 @dataclass
@@ -248,6 +279,8 @@ class Engine:
         self.workers = [Worker(self.vllm_config, self.kv_cfg, self.layout, self.fault_hook) for _ in range(self.tp)]
         self.aggregator = KVOutputAggregator(self.tp)
         self.requests: dict[str, Request] = {}
+        self.live: set[str] = set()
+        self.preempted: set[str] = set()
 
     @property
     def connector(self) -> KvschedConnector:
@@ -259,6 +292,7 @@ class Engine:
         self.scheduler.add_request(req)
         self.requests[rid] = req
         self.outputs[rid] = []
+        self.live.add(rid)
         return req
 
     def step(self, *, check: bool = True) -> Any:
@@ -283,6 +317,13 @@ class Engine:
         self.steps += 1
         for w in self.workers:
             assert not w.errors, w.errors[:3]
+        # vLLM freed the blocks of requests it no longer holds: no copy of theirs may still run
+        for rid in list(self.live):
+            if rid not in sched.requests:
+                self.live.discard(rid)
+                for w in self.workers:
+                    assert not w.running_jobs(rid), f"{rid}: copies still running after vLLM freed its blocks"
+        self.preempted.update(so.preempted_req_ids or ())
         return so
 
     def run(self, max_steps: int = 200, *, until=None) -> None:

@@ -85,8 +85,9 @@ class KvschedConnectorStats(KVConnectorStats):
     def reset(self) -> None:
         self.data = {k: 0 for k in _STAT_KEYS}
 
-    def aggregate(self, other: KVConnectorStats) -> "KvschedConnectorStats":
-        for k, v in (other.data or {}).items():
+    def aggregate(self, other: KVConnectorStats | dict[str, Any]) -> "KvschedConnectorStats":
+        data = other if isinstance(other, dict) else other.data
+        for k, v in (data or {}).items():
             self.data[k] = self.data.get(k, 0) + v
         return self
 
@@ -168,7 +169,7 @@ class KvschedConnector(KVConnectorBase_V1):
                 continue
             before = req.num_computed_tokens
             first, end = before // bs, min(before + n, req.num_tokens) // bs
-            if end <= first or end > len(req.block_hashes) and first >= len(req.block_hashes):
+            if end <= first:
                 continue
             block_ids = manager.get_block_ids(rid)[0] if manager is not None else _scheduled_block_ids(scheduler_output, rid)
             leader.plan_stores(rid, req.block_hashes, block_ids, first, end)

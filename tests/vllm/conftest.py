@@ -1,0 +1,13 @@
+"""tests/vllm: kvsched's vLLM connector against vLLM's real scheduler (skipped without vLLM)."""
+
+import os
+
+import pytest
+
+# vLLM's CPU platform: without it the platform is "unspecified" (vLLM 0.33). vLLM 0.34 on x86
+# refuses it without a CPU build of Triton, and its configs then pin the CPU device explicitly.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest.importorskip("torch", reason="the vLLM connector tests need torch and vLLM: pip install \"kvsched[vllm]\"")
+pytest.importorskip("vllm", reason="vLLM is not installed: pip install \"kvsched[vllm]\" (CI builds a CPU vLLM env)")
