@@ -230,8 +230,10 @@ class Worker:
         for rid, msg in self.step_errors.items():
             if not out.invalid_block_ids.intersection(block_ids[rid]):
                 self.errors.append(msg)
-        return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                 sampled_token_ids=sampled, kv_connector_output=out)
+        kwargs: dict[str, Any] = {}
+        if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__:  # vLLM 0.33; gone in 0.34
+            kwargs["req_id_to_index"] = {r: i for i, r in enumerate(req_ids)}
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, kv_connector_output=out, **kwargs)
 
 
 def next_token(req: Request) -> int:
