@@ -316,6 +316,8 @@ CONTEXT_KINDS: dict[str, str] = {
     "extra_positional": "one positional argument too many",
     "forked_child": "an inherited scheduler or engine used in a forked child",
     "await_closed": "await of a handle whose scheduler is closed mid-wait",
+    "await_two_loops": "the same handle awaited from two event loops (two threads) at once",
+    "await_loop_gone": "a handle decided after the event loop that awaited it timed out and closed",
 }
 
 BAD_INPUT_KINDS: dict[str, str] = {**{k: d for k, (d, _) in KINDS.items()}, **CONTEXT_KINDS}
@@ -1236,6 +1238,58 @@ def test_contextual():
     finally:
         world.close()
     report_findings("contextual", findings)
+
+
+@pytest.mark.timeout(60)
+def test_await_hostile():
+    """``await h`` from two event loops at once, and a decision that comes after the loop that
+    awaited the handle gave up and closed: the deciding call must succeed (it must not raise
+    because a loop is gone), and every live awaiter must resume with the decision."""
+    findings: list[str] = []
+    world = World()
+    try:
+        FIGURES["kinds"]["await_two_loops"] += 1
+        u = uuid.uuid4()
+        h = world.s.transfer.schedule("r", u)
+        world.handles.append(h)
+        results: list = []
+        runners = [threading.Thread(target=lambda: results.append(_await_handle(h, 3.0)))
+                   for _ in range(2)]
+        for th in runners:
+            th.start()
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        attempt(world, "enqueue deciding a handle awaited from two loops",
+                lambda: world.s.worker.enqueue("r", u, LOAD), "accept")
+        for th in runners:
+            th.join(CALL_LIMIT)
+        dt = time.perf_counter() - t0
+        if results != [EXECUTE, EXECUTE] or dt > 1.0:
+            findings.append(f"await from two loops: results {results!r} after {dt:.2f} s "
+                            "(both must resume with EXECUTE)")
+        if h.wait(0) is EXECUTE:
+            h.mark_complete()                    # its token goes to the next operation
+
+        FIGURES["kinds"]["await_loop_gone"] += 1
+        u = uuid.uuid4()
+        h2 = world.s.transfer.schedule("r", u)
+        world.handles.append(h2)
+        first = _await_handle(h2, 0.05)          # times out; its loop is closed on return
+        if first != AWAIT_TIMED_OUT:
+            findings.append(f"await of an undecided handle returned {first!r}")
+        attempt(world, "enqueue deciding a handle whose awaiting loop is gone",
+                lambda: world.s.worker.enqueue("r", u, LOAD), "accept")
+        again = attempt(None, "await again on a new loop", lambda: _await_handle(h2, 1.0))
+        if again != ("ok", EXECUTE):
+            findings.append(f"await after the first loop was gone: {again!r}, want EXECUTE")
+        if h2.wait(0) is not EXECUTE:
+            findings.append("the handle is not EXECUTE after its awaiting loop was gone")
+        world.check_invariants()
+    except Finding as f:
+        findings.append(str(f))
+    finally:
+        world.close()
+    report_findings("await", findings)
 
 
 # ------------------------------------------------------------------------- the state machine
