@@ -25,7 +25,8 @@ def test_store_then_hit_then_load():
     assert spec.gpu_blocks == [5, 6, 7] and len(set(spec.host_blocks)) == 3
     plan = lead.take_plan()
     assert plan.stores == [spec] and not plan.loads
-    assert lead.lookup("r2", h, 0, 13) == 0  # not a hit before the store is reported
+    # not a hit before the store is reported: ask again later (None), do not recompute
+    assert lead.lookup("r2", h, 0, 13) is None and lead.stats["lookups_deferred"] == 1
     assert report(lead, plan) == [("r1", 1, True)]
     # 13 tokens: 3 full blocks, at least one token left to compute
     assert lead.lookup("r2", h, 0, 13) == 12
@@ -54,7 +55,7 @@ def test_reports_from_every_worker_are_needed():
     lead.plan_stores("r1", h, [0], 0, 1)
     plan = lead.take_plan()
     assert report(lead, plan) == []
-    assert lead.lookup("x", h, 0, 8) == 0
+    assert lead.lookup("x", h, 0, 8) is None  # still being stored on one worker
     assert report(lead, plan) == [("r1", 1, True)]
     assert lead.lookup("x", h, 0, 8) == 4
 
@@ -120,3 +121,13 @@ def test_preemption_is_planned_for_requests_with_operations():
     lead.preempted("r1")
     lead.preempted("unknown")
     assert lead.take_plan().preempted == ["r1"]
+
+
+def test_a_failed_store_ends_the_wait():
+    lead = OffloadLeader(16, BS)
+    h = hashes("a", 2)
+    lead.plan_stores("r1", h, [0, 1], 0, 2)
+    plan = lead.take_plan()
+    assert lead.lookup("r2", h, 0, 9) is None
+    report(lead, plan, ok=False)
+    assert lead.lookup("r2", h, 0, 9) == 0

@@ -55,6 +55,7 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 
+from kvsched.offload import OffloadWorker as H_OffloadWorker  # noqa: E402
 from kvsched.vllm import KvschedConnector  # noqa: E402
 
 try:
@@ -151,12 +152,18 @@ class Worker:
     def __init__(self, vllm_config: VllmConfig, cfg: KVCacheConfig, layout: str, fault_hook: Any = None) -> None:
         self.layout = layout
         self.kv = allocate(cfg, layout)
+        self.errors: list[str] = []
+        self.jobs: list[Any] = []
+        if vllm_config.kv_transfer_config.kv_connector != "KvschedConnector":  # another connector (bench)
+            from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+            self.connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER, cfg)
+            self.connector.register_kv_caches(self.kv)
+            return
         self.connector = KvschedConnector(vllm_config, KVConnectorRole.WORKER, cfg)
         if fault_hook is not None:
             self.connector.worker._engine_options["fault_hook"] = fault_hook
         self.connector.register_kv_caches(self.kv)
-        self.errors: list[str] = []
-        self.jobs: list[Any] = []
         engine = self.connector.worker.engine
         submit = engine.submit
 
@@ -261,6 +268,8 @@ class Engine:
     tp: int = 1
     max_batched: int = 256
     fault_hook: Any = None
+    connector_name: str = "KvschedConnector"
+    connector_module: str | None = "kvsched.vllm"
     prefix_caching: bool = False  # vLLM's own GPU prefix cache (off: every hit comes from the tier)
     scheduler: Any = field(init=False)
     workers: list[Worker] = field(init=False)
@@ -271,7 +280,8 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.vllm_config = make_config(self.extra, num_blocks=self.num_blocks, max_batched=self.max_batched, tp=self.tp,
-                                       prefix_caching=self.prefix_caching)
+                                       prefix_caching=self.prefix_caching, connector=self.connector_name,
+                                       module=self.connector_module)
         self.kv_cfg = kv_cache_config(self.num_blocks, self.layout if self.layout != "FA" else "LBHNC")
         init_none_hash(sha256)
         self.hasher = get_request_block_hasher(BLOCK, sha256)
@@ -341,12 +351,17 @@ class Engine:
 
     def busy(self) -> bool:
         s = self.scheduler
-        return bool(s.get_num_unfinished_requests() or s.has_finished_requests() or self.connector.leader.pending_ops()
-                    or s.finished_req_ids)
+        leader = getattr(self.connector, "leader", None)
+        return bool(s.get_num_unfinished_requests() or s.has_finished_requests()
+                    or (leader is not None and leader.pending_ops()) or s.finished_req_ids)
 
     def drain_wait(self) -> None:
         for w in self.workers:
-            w.connector.worker.engine.wait_idle(10)
+            worker = getattr(w.connector, "worker", None)
+            if isinstance(worker, H_OffloadWorker):
+                worker.engine.wait_idle(10)
+            elif hasattr(w.connector, "drain"):
+                w.connector.drain()
 
     def abort(self, rid: str) -> None:
         self.scheduler.finish_requests(rid, RequestStatus.FINISHED_ABORTED)

@@ -72,7 +72,7 @@ class OffloadLeader:
         self._ops: dict[int, _Op] = {}
         self._plan = StepPlan(host_blocks=capacity)
         self.stats = {
-            "lookups": 0, "lookup_tokens": 0, "hit_tokens": 0,
+            "lookups": 0, "lookups_deferred": 0, "lookup_tokens": 0, "hit_tokens": 0,
             "loads_planned": 0, "stores_planned": 0, "blocks_load_planned": 0, "blocks_store_planned": 0,
             "loads_ok": 0, "loads_failed": 0, "stores_ok": 0, "stores_failed": 0, "stores_skipped_full": 0,
         }
@@ -91,10 +91,12 @@ class OffloadLeader:
 
     # ------------------------------------------------------------------------------ lookups
 
-    def lookup(self, req_id: str, block_hashes: Sequence[bytes], num_computed_tokens: int, num_tokens: int) -> int:
+    def lookup(self, req_id: str, block_hashes: Sequence[bytes], num_computed_tokens: int, num_tokens: int) -> int | None:
         """Tokens beyond ``num_computed_tokens`` (block aligned) the tier can supply: the
         longest run of READY blocks from there, stopping one token short of ``num_tokens``
-        (the engine computes at least the last token)."""
+        (the engine computes at least the last token). None when the block after that run is
+        being stored (another request computed it; ask again once the store has ended rather
+        than compute it again); blocks are never offered before their store completed."""
         t0 = time.thread_time()
         bs = self.block_size
         start = num_computed_tokens // bs
@@ -104,6 +106,10 @@ class OffloadLeader:
             r = self._reqs[req_id] = _Request()
         r.lookup_start = start
         hits = self.tier.count_hits(block_hashes, start, limit) if limit > start else 0
+        if start + hits < limit and self.tier.is_storing(bytes(block_hashes[start + hits])):
+            self.stats["lookups_deferred"] += 1
+            self.cpu_s += time.thread_time() - t0
+            return None
         self.stats["lookups"] += 1
         self.stats["lookup_tokens"] += max(num_tokens - num_computed_tokens, 0)
         self.cpu_s += time.thread_time() - t0

@@ -62,6 +62,11 @@ class HostTier:
         e = self._entries.get(key)
         return e is not None and e.state == _READY and not e.doomed
 
+    def is_storing(self, key: bytes) -> bool:
+        """True while a store of ``key`` runs (it may become a hit soon)."""
+        e = self._entries.get(key)
+        return e is not None and e.state == _STORING and not e.doomed
+
     def slot_of(self, key: bytes) -> int | None:
         e = self._entries.get(key)
         return None if e is None else e.slot

@@ -65,7 +65,7 @@ class StepResults:
 
 class _Op:
     __slots__ = ("op_id", "kind", "req_id", "slot", "gpu", "host", "layers", "parts", "handles", "jobs",
-                 "cancelled", "ended", "layerwise", "events", "submitted", "t0")
+                 "settled", "cancelled", "ended", "layerwise", "events", "submitted", "t0")
 
     def __init__(self, op_id: int, kind: int, req_id: str, slot: str, gpu: list[int], host: list[int],
                  layers: list[int | None], layerwise: bool, events: list[Any] | None) -> None:
@@ -75,6 +75,7 @@ class _Op:
         self.parts = len(layers)
         self.handles: list[Any] = [None] * self.parts
         self.jobs: list[Any] = [None] * self.parts
+        self.settled = [False] * self.parts  # ended without a job (decided CANCEL, or failed unsubmitted)
         self.cancelled = False  # a part was decided CANCEL, or the request was cancelled
         self.ended = False
         self.layerwise = layerwise
@@ -352,8 +353,10 @@ class OffloadWorker:
             self._generation[rid] = self._generation.get(rid, 0) + 1
 
     def _dispatch(self) -> None:
-        t = self.scheduler.transfer
         ops = self._ops
+        if not ops:  # nothing joined and undelivered: skip poll (it costs ~20 us even when empty)
+            return
+        t = self.scheduler.transfer
         while True:
             batch = t.poll(max_items=1024, timeout=0.0)
             for h in batch:
@@ -366,8 +369,10 @@ class OffloadWorker:
     def _dispatch_one(self, h: Any, op: _Op, part: int) -> None:
         if h.decision != _EXECUTE:
             op.cancelled = True
+            op.settled[part] = True
             return
         if op.cancelled:
+            op.settled[part] = True
             h.mark_complete(error=f"request {op.req_id!r} was cancelled before its copy started")
             return
         layer = op.layers[part]
@@ -384,6 +389,7 @@ class OffloadWorker:
             op.submitted += 1
         except Exception as exc:  # bad ids, a full queue, a closed engine: the op fails, cleanly
             log.warning("kvsched offload: %s of request %r not submitted: %s", "load" if op.kind == 0 else "store", op.req_id, exc)
+            op.settled[part] = True
             h.mark_complete(error=exc)
 
     def _settle_layerwise(self, op: _Op, timeout: float = 60.0) -> None:
@@ -401,8 +407,20 @@ class OffloadWorker:
         ops = self._slot_ops.get(slot)
         if ops is None:
             return
-        status = self.scheduler.worker.slot_status(slot)
+        w = self.scheduler.worker
+        status = w.slot_status(slot)
         failed_uuids = {u for u, _ in status.errors} if status.errors else ()
+        if not w.is_complete(slot):
+            # The slot completed, then this step joined new operations into it: end the ones
+            # that had ended; take_finished reports the slot again when the rest end.
+            keep = []
+            for op in ops:
+                if all(op.settled[k] or (op.jobs[k] is not None and op.jobs[k].done()) for k in range(op.parts)):
+                    self._end_op(op, failed_uuids)
+                else:
+                    keep.append(op)
+            self._slot_ops[slot] = keep
+            return
         for op in ops:
             self._end_op(op, failed_uuids)
         del self._slot_ops[slot]

@@ -147,6 +147,8 @@ class KvschedConnector(KVConnectorBase_V1):
         self._requests[request.request_id] = request
         n = self.leader.lookup(request.request_id, request.block_hashes, num_computed_tokens, request.num_tokens)
         self.cpu_s += time.thread_time() - t0
+        if n is None:  # the next block is being stored: vLLM asks again at a later step
+            return None, False
         return n, n > 0 and not self.layerwise
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
