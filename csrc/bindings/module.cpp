@@ -468,6 +468,23 @@ class Handle {
     state_->sched.mark_complete(op_, false, msg, by_engine);
   }
   void claim_transfer() { state_->sched.claim_transfer(op_); }
+  // asyncio (kvsched/scheduler.py): 0 watching, 1 already decided, 2 another notifier watches.
+  int watch(const std::shared_ptr<AsyncNotifier>& notifier, uint64_t token) {
+    switch (state_->sched.watch(op_, notifier, token)) {
+      case Scheduler::WatchResult::kWatching: return 0;
+      case Scheduler::WatchResult::kDecided: return 1;
+      case Scheduler::WatchResult::kBusy: return 2;
+    }
+    return 2;
+  }
+  // The token `notifier` watches this op with, or None (another notifier, or not set yet).
+  py::object watched_by(const std::shared_ptr<AsyncNotifier>& notifier) {
+    // order: acquire — pairs with the seq_cst store of kWatchSet in Scheduler::watch().
+    if (op_->watch_state.load(std::memory_order_acquire) == Op::kWatchSet &&
+        op_->notifier == notifier)
+      return py::int_(op_->watch_token);
+    return py::none();
+  }
   void release_transfer_claim() { state_->sched.release_transfer_claim(op_); }
 
   py::object uuid() {
@@ -677,6 +694,8 @@ PYBIND11_MODULE(_core, m) {
       // is open, and only that engine marks it (Scheduler::claim_transfer).
       .def("_claim_transfer", &Handle::claim_transfer)
       .def("_release_transfer_claim", &Handle::release_transfer_claim)
+      .def("_watch", &Handle::watch, py::arg("notifier"), py::arg("token"))
+      .def("_watched_by", &Handle::watched_by, py::arg("notifier"))
       .def("_engine_mark",
            [](Handle& h, py::handle error) { h.mark_complete(error, /*by_engine=*/true); },
            py::arg("error") = py::none())
@@ -706,6 +725,14 @@ PYBIND11_MODULE(_core, m) {
         return "<kvsched.Handle request_id=" + py::repr(py::str(h.request_id())).cast<std::string>() +
                " uuid=" + h.op()->uuid.str() + " decision=" + ds + " outcome=" + h.outcome() + ">";
       });
+
+  py::class_<AsyncNotifier, std::shared_ptr<AsyncNotifier>>(
+      m, "AsyncNotifier",
+      "One event loop's wake-up channel: the core posts the tokens of decided operations and "
+      "makes `fd` readable (core/async_notifier.hpp).")
+      .def(py::init<>())
+      .def_property_readonly("fd", &AsyncNotifier::fd)
+      .def("drain", &AsyncNotifier::drain, "Tokens posted since the last drain (never blocks).");
 
   py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (SPEC section 3).")
       .def("enqueue_many",

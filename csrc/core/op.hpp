@@ -25,6 +25,7 @@
 #include <memory>
 #include <string>
 
+#include "async_notifier.hpp"
 #include "sync.hpp"
 #include "types.hpp"
 
@@ -92,6 +93,17 @@ struct Op {
   Atomic<int32_t> views{0};
   // Threads blocked in Scheduler::wait_decision on this op (see Note [waiter handshake]).
   Atomic<uint32_t> waiters{0};
+
+  // asyncio: the event loop's notifier told when this op is decided (Scheduler::watch). At most
+  // one per op. `notifier` and `watch_token` are written once, by the thread that moves
+  // `watch_state` from kWatchNone to kWatchWriting, before it stores kWatchSet; decide() reads
+  // them only after loading kWatchSet.
+  static constexpr uint8_t kWatchNone = 0;
+  static constexpr uint8_t kWatchWriting = 1;
+  static constexpr uint8_t kWatchSet = 2;
+  Atomic<uint8_t> watch_state{kWatchNone};
+  std::shared_ptr<AsyncNotifier> notifier;
+  uint64_t watch_token = 0;
 
   // Opaque pointer for the binding layer (its current handle object). Only read and written with
   // the Python GIL held, never by the core.

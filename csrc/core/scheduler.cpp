@@ -767,6 +767,7 @@ bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
     end_op(op, Outcome::kCancelled, std::move(error));
   }
   notify_waiters(*op);
+  notify_watcher(*op);
   // Only ops whose transfer half exists go to poll(): a worker half decided alone (cancelled or
   // timed out before its transfer half came) has no handle yet; schedule() pushes it when the
   // transfer half arrives. See Note [poll handshake] for why one of the two always pushes.
@@ -851,6 +852,34 @@ void Scheduler::notify_waiters(const Op& op) {
   WaitStripe& s = stripe_for(&op);
   { std::lock_guard<Mutex> lock(s.mu); }  // a waiter between its check and its sleep holds s.mu
   s.cv.notify_all();
+}
+
+Scheduler::WatchResult Scheduler::watch(const OpPtr& op,
+                                         const std::shared_ptr<AsyncNotifier>& notifier,
+                                         uint64_t token) {
+  check_not_inherited();
+  uint8_t none = Op::kWatchNone;
+  // order: acq_rel — claims the right to write notifier/watch_token (once per op).
+  if (!op->watch_state.compare_exchange_strong(none, Op::kWatchWriting, std::memory_order_acq_rel))
+    return op->load_decision() != Decision::kNone ? WatchResult::kDecided : WatchResult::kBusy;
+  op->notifier = notifier;
+  op->watch_token = token;
+  // order: seq_cst — Note [watch handshake] (docs/design.md): this store, then the decision
+  // load below; decide() makes its decision CAS, then loads watch_state (notify_watcher). In the
+  // single total order of seq_cst operations one of the two loads sees the other side's write:
+  // either decide() posts the token, or we see the decision and report kDecided (both may
+  // happen: a token can arrive twice).
+  op->watch_state.store(Op::kWatchSet, std::memory_order_seq_cst);
+  if (op->decision.load(std::memory_order_seq_cst) != static_cast<uint8_t>(Decision::kNone))
+    return WatchResult::kDecided;
+  return WatchResult::kWatching;
+}
+
+void Scheduler::notify_watcher(const Op& op) {
+  // order: seq_cst — Note [watch handshake]; the acquire part also makes notifier/watch_token,
+  // written before the kWatchSet store, visible here.
+  if (op.watch_state.load(std::memory_order_seq_cst) != Op::kWatchSet) return;
+  op.notifier->post(op.watch_token);
 }
 
 Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {

@@ -124,6 +124,12 @@ class Scheduler {
   // engine refused the job before copying anything).
   void claim_transfer(const OpPtr& op);
   void release_transfer_claim(const OpPtr& op);
+  // asyncio: asks that `notifier` gets `token` once `op` is decided. kWatching: it will (possibly
+  // twice); kDecided: the op is already decided (resolve now; the token may still be posted);
+  // kBusy: another notifier watches this op (see Op::watch_state). Never blocks.
+  enum class WatchResult { kWatching, kDecided, kBusy };
+  WatchResult watch(const OpPtr& op, const std::shared_ptr<AsyncNotifier>& notifier,
+                    uint64_t token);
   // Claims delivery of a decided op (the user saw its decision). Returns true the first time.
   bool deliver(const OpPtr& op);
   // The binding layer's last handle object for `op` went away. Fails the op as dropped when its
@@ -206,6 +212,7 @@ class Scheduler {
   bool end_op(const OpPtr& op, Outcome outcome, std::string error);
   void count_into_slot(const OpPtr& op);
   void notify_waiters(const Op& op);
+  void notify_watcher(const Op& op);
   WaitStripe& stripe_for(const Op* op);
   OpPtr standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode);
   void remember_removed(const std::vector<OpPtr>& ops);

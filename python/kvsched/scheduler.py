@@ -8,7 +8,9 @@ asyncio integration of handles (``await h``), which belongs in Python.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import weakref
 import numbers
 import operator
 from typing import Any, Sequence
@@ -69,22 +71,92 @@ WorkerSide = _core.WorkerSide
 TransferSide = _core.TransferSide
 
 
-def _handle_await(self: Any):
-    """``await h``: resolves to the Decision without blocking the event loop.
+class _LoopNotifier:
+    """The wake-up channel of one event loop: the core posts the token of every watched operation
+    it decides to ``core.fd`` (an eventfd), which the loop watches with ``add_reader``. Waiting
+    costs nothing: no thread, timer or poll per awaiting coroutine, and no work at all while
+    nothing is decided. One future per watched operation, shared by every coroutine of this loop
+    that awaits it; it stays until the decision comes (close() decides every operation)."""
 
-    The loop polls the handle with a short, growing sleep (0.2 ms up to 5 ms): no thread is parked
-    per awaiting coroutine, and close() resolves it (to CANCEL, or None if it raced)."""
+    __slots__ = ("core", "futures", "tokens", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.core = _core.AsyncNotifier()
+        self.futures: dict[int, asyncio.Future[None]] = {}
+        self.tokens = itertools.count(1)
+        loop.add_reader(self.core.fd, self._on_ready)  # the loop holds us, never the reverse
+
+    def _on_ready(self) -> None:
+        for token in self.core.drain():
+            fut = self.futures.pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+
+# Event loop -> its notifier. Weak keys: a closed, dropped loop takes its notifier with it (the
+# core's operations keep the C++ notifier alive until they die, so a late post is harmless).
+_loop_notifiers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopNotifier | None]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _notifier_for(loop: asyncio.AbstractEventLoop) -> "_LoopNotifier | None":
+    try:
+        return _loop_notifiers[loop]
+    except KeyError:
+        pass
+    try:
+        notifier: _LoopNotifier | None = _LoopNotifier(loop)
+    except (NotImplementedError, AttributeError, OSError, RuntimeError):
+        notifier = None  # a loop that cannot watch descriptors (Windows' proactor): poll instead
+    _loop_notifiers[loop] = notifier
+    return notifier
+
+
+async def _poll_decision(h: Any) -> Decision | None:
+    """Fallback for loops without add_reader, or a handle another loop already watches: a short,
+    growing sleep (0.2 ms up to 5 ms)."""
+    delay = 0.0002
+    while True:
+        d = h.decision
+        if d is not None or h._closed():
+            return d
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
+def _handle_await(self: Any):
+    """``await h``: resolves to the Decision without blocking the event loop or polling.
+
+    The coroutine sleeps on a future of its loop's notifier; the thread that decides the operation
+    posts its token and the loop wakes (see :class:`_LoopNotifier`). ``close()`` decides every
+    operation, so it resolves every awaiting coroutine (to CANCEL)."""
 
     async def _wait() -> Decision | None:
-        delay = 0.0002
-        while True:
-            d = self.decision
-            if d is not None:
-                return d
-            if self._closed():
+        d = self.decision
+        if d is not None:
+            return d
+        loop = asyncio.get_running_loop()
+        notifier = _notifier_for(loop)
+        if notifier is None:
+            return await _poll_decision(self)
+        token = self._watched_by(notifier.core)
+        fut = notifier.futures.get(token) if token is not None else None
+        if fut is None:
+            token = next(notifier.tokens)
+            fut = loop.create_future()
+            notifier.futures[token] = fut
+            state = self._watch(notifier.core, token)
+            if state != 0:
+                notifier.futures.pop(token, None)
+                if state == 2:  # watched by another loop's notifier
+                    return await _poll_decision(self)
                 return self.decision
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.005)
+        if self._closed() and self.decision is None:
+            return None
+        # shield: a cancelled awaiter leaves the shared future to the others
+        await asyncio.shield(fut)
+        return self.decision
 
     return _wait().__await__()
 
