@@ -65,7 +65,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -613,6 +613,8 @@ def attempt(world: World | None, label: str, fn: Callable[[], Any], expect: str 
         if th.is_alive():
             raise Finding(f"{label}: blocked, and still blocked {WAKE_LIMIT} s after close()")
         FIGURES["woken_by_close"] += 1
+        if expect == "refuse":
+            raise Finding(f"{label}: accepted (blocked until close()), must be refused")
         return ("ok", None)
     if exc is None:
         FIGURES["accepted"] += 1
