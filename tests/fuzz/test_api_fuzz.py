@@ -537,7 +537,8 @@ class World:
 
     def close(self):
         """Mark what is still executing (so nothing is reported dropped), then close all."""
-        for h in self.handles + [x for x in self.keep if isinstance(x, kvsched.Handle)]:
+        kept = [y for x in self.keep for y in (x if isinstance(x, list) else [x])]
+        for h in self.handles + [x for x in kept if isinstance(x, kvsched.Handle)]:
             try:
                 if "decision=EXECUTE outcome=open" in peek(h):
                     h.mark_complete()
