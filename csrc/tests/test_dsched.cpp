@@ -19,6 +19,8 @@
 //   poll      executors driven only by poll(), with a cancel racing both halves
 //   held      cancel_slot of a rid with no slot racing transfer halves, create_slot and the
 //             worker halves: held CANCEL outcomes are joined, counted once, slot completes
+//   watch     two event-loop notifiers register (Scheduler::watch) racing the join and a
+//             cancel_slot: no lost wake-up, one notifier per op, no token to the other
 //
 // Oracles that can fail (STYLE.md B7, "global invariants"):
 //   - exactly one decision per op, and outcome consistent with it (EXECUTE -> completed/failed,
@@ -1241,6 +1243,70 @@ ds::Result scenario_held(uint64_t seed, ds::Options opt) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// 9. watch (asyncio): an event loop registers for the decisions of two ops (Scheduler::watch)
+//    while the worker half joins them (EXECUTE, or one waits for the token) and, in some seeds,
+//    cancel_slot decides them CANCEL, plus a second loop that tries to watch the same ops (kBusy
+//    or kDecided, never a second notifier). No lost wake-up (Note [watch handshake]): every op
+//    that watch() reported as watched has its token posted once it is decided.
+
+ds::Result scenario_watch(uint64_t seed, ds::Options opt) {
+  Pick p(seed);
+  Config c = tiny(p, 1 + static_cast<int64_t>(p.below(2)));
+  auto w = std::make_unique<World>(c);
+  World& W = *w;
+  const int n = 2;
+  W.s->create_slot("r");
+  std::vector<OpPtr> ops;
+  for (int i = 0; i < n; ++i) ops.push_back(W.s->schedule("r", U(i), 0, Mode::kScheduled));
+  auto loop_a = std::make_shared<AsyncNotifier>();
+  auto loop_b = std::make_shared<AsyncNotifier>();
+  std::vector<Scheduler::WatchResult> got_a(n), got_b(n);
+  const bool cancel = p.coin();
+  std::vector<ds::ThreadSpec> ts;
+  const int delay = static_cast<int>(p.below(8));  // spreads the loops' calls over the joins
+  ts.push_back({"worker", [&W] {
+                  for (int i = 0; i < n; ++i)
+                    W.s->enqueue("r", U(i), Kind::kLoad, Mode::kScheduled);
+                }});
+  ts.push_back({"loop_a", [&W, &ops, &got_a, loop_a, delay] {
+                  ds::yield_points(delay);
+                  for (int i = 0; i < n; ++i) got_a[i] = W.s->watch(ops[i], loop_a, 1 + i);
+                }});
+  ts.push_back({"loop_b", [&W, &ops, &got_b, loop_b] {
+                  for (int i = n - 1; i >= 0; --i) got_b[i] = W.s->watch(ops[i], loop_b, 1 + i);
+                }});
+  if (cancel) ts.push_back({"cancel", [&W] { W.s->cancel_slot("r"); }});
+  ds::Result res = ds::run(opt, std::move(ts));
+  if (res.abandoned) return finish(w, res);
+
+  Scheduler& s = *W.s;
+  // An op still waiting for a token (max_inflight 1) is decided when the first one ends.
+  for (int round = 0; round < n; ++round)
+    for (auto& op : ops)
+      if (op->load_decision() == Decision::kExecute && op->load_outcome() == Outcome::kOpen)
+        s.mark_complete(op, true, {});
+  const std::vector<uint64_t> posted_a = loop_a->drain(), posted_b = loop_b->drain();
+  for (int i = 0; i < n; ++i) {
+    DS_CHECK(ops[i]->load_decision() != Decision::kNone, "op ", i, " undecided");
+    const bool a_watches = got_a[i] == Scheduler::WatchResult::kWatching;
+    const bool b_watches = got_b[i] == Scheduler::WatchResult::kWatching;
+    DS_CHECK(!(a_watches && b_watches), "op ", i, " watched by two notifiers");
+    auto has = [&](const std::vector<uint64_t>& v) {
+      return std::find(v.begin(), v.end(), static_cast<uint64_t>(1 + i)) != v.end();
+    };
+    if (a_watches) DS_CHECK(has(posted_a), "lost wake-up: op ", i, " watched by loop a");
+    if (b_watches) DS_CHECK(has(posted_b), "lost wake-up: op ", i, " watched by loop b");
+    // The notifier that lost the claim never gets this op's token.
+    if (!a_watches && got_a[i] == Scheduler::WatchResult::kBusy)
+      DS_CHECK(!has(posted_a), "op ", i, " posted to a notifier that does not watch it");
+    if (!b_watches && got_b[i] == Scheduler::WatchResult::kBusy)
+      DS_CHECK(!has(posted_b), "op ", i, " posted to a notifier that does not watch it");
+  }
+  DS_CHECK(s.is_complete("r"), "slot not complete");
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------------
 // driver
 
 struct Entry {
@@ -1254,6 +1320,7 @@ const Entry kScenarios[] = {
     {"cancel", scenario_cancel, 310}, {"gating", scenario_gating, 410},
     {"close", scenario_close, 370},   {"remove", scenario_remove, 350},
     {"poll", scenario_poll, 330},     {"held", scenario_held, 200},
+    {"watch", scenario_watch, 90},
 };
 
 ds::Options options_for(uint64_t seed, const Entry& e) {
