@@ -142,6 +142,7 @@ class Timed:
     def __init__(self) -> None:
         self.cpu = 0.0
         self.calls = 0
+        self.depth = 0  # a hook calling another (get_transfer_results -> get_finished) counts once
 
     def wrap(self, obj: Any, names: tuple[str, ...]) -> None:
         for name in names:
@@ -151,12 +152,15 @@ class Timed:
 
             @functools.wraps(fn)
             def timed(*args, __fn=fn, **kwargs):
+                self.depth += 1
                 t0 = time.thread_time()
                 try:
                     return __fn(*args, **kwargs)
                 finally:
-                    self.cpu += time.thread_time() - t0
-                    self.calls += 1
+                    self.depth -= 1
+                    if self.depth == 0:
+                        self.cpu += time.thread_time() - t0
+                        self.calls += 1
 
             setattr(obj, name, timed)
 

@@ -141,22 +141,47 @@ def test_abort_cancels_stores_that_have_not_started_and_releases_after_drain():
     assert not lead.has_request("r1")
 
 
-def test_preemption_cancels_and_fences():
+def test_preemption_fences_running_stores_and_the_request_goes_on():
     kv, w, lead = make()
+    kv[:, 0] = 9
     lead.plan_stores("r1", [b"a0"], [0], 0, 1)
-    w.begin_step(lead.take_plan())
+    w.begin_step(lead.take_plan())  # the store is gated on this step's layers
     lead.preempted("r1")
-    w.begin_step(lead.take_plan())  # the new step's plan cancels the gated store
+    w.begin_step(lead.take_plan())  # next step: the store's layers are past; fenced before return
     assert w.engine.pending == 0
     res = w.collect()
     lead.on_reports(res.reports)
-    assert res.reports.ops and all(v == [1, 1] for v in res.reports.ops.values())
-    assert len(lead.tier) == 0
-    # the request goes on in a new slot
+    assert res.reports.ops and all(v == [1, 0] for v in res.reports.ops.values())
+    assert lead.tier.count_hits([b"a0"]) == 1
+    # the request goes on
     lead.plan_stores("r1", [b"a0", b"a1"], [0, 1], 1, 2)
     step(w, lead, kv, writes=[(1, 5)])
     settle(w, lead)
-    assert lead.tier.count_hits([b"a1"]) == 1
+    assert lead.tier.count_hits([b"a0", b"a1"]) == 2
+
+
+def test_a_load_not_started_in_its_step_is_joined_at_the_next():
+    kv, w, lead = make()
+    lead.plan_stores("r0", [b"a0"], [0], 0, 1)
+    step(w, lead, kv, writes=[(0, 1)])
+    settle(w, lead)
+    lead.plan_load("r1", [b"a0"], [5], lead.lookup("r1", [b"a0"], 0, 5))
+    w.begin_step(lead.take_plan())  # an engine that skipped start_load_kv in this step
+    w.end_step()
+    lead.on_reports(w.collect().reports)
+    results = settle(w, lead)
+    assert lead.pending_ops() == 0 and any("r1" in r.finished_recving for r in results)
+    assert (kv[:, 5] == kv[:, 0]).all()
+
+
+def test_stores_of_one_step_share_one_job_per_layer():
+    kv, w, lead = make()
+    for i, rid in enumerate(("r1", "r2", "r3")):
+        lead.plan_stores(rid, [f"{rid}a".encode()], [i], 0, 1)
+    step(w, lead, kv, writes=[(0, 1), (1, 2), (2, 3)])
+    settle(w, lead)
+    assert w.engine.stats()["completed"] == L  # three requests, one copy job per layer
+    assert all(lead.tier.count_hits([f"{r}a".encode()]) == 1 for r in ("r1", "r2", "r3"))
 
 
 def test_host_bytes_too_small_and_plan_capacity_mismatch():

@@ -293,6 +293,8 @@ class KvschedConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KvschedConnectorStats | None:
         if self.worker is not None:
+            if not any(self.worker.stats.values()):
+                return None
             s = self.worker.take_stats()
             data = {k: s.get(k, 0) for k in _STAT_KEYS}
         else:
