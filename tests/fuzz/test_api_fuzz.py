@@ -783,7 +783,7 @@ ENTRIES: list[Entry] = [
           kwonly=("num_layers", "removed_memory", "poll_backlog", "store_starvation_s"),
           constructor=True),
     Entry("TransferEngine", [("s", "scheduler"), ("backend", "backend"), ("max_pending", "size"),
-                             ("workers", "int"), ("split_bytes", "size"),
+                             ("workers", "int_opt"), ("split_bytes", "size"),
                              ("event_timeout", "duration")],
           lambda w: dict(s=w.s, backend="host", max_pending=16, workers=1, split_bytes=1 << 20,
                          event_timeout=1.0),
