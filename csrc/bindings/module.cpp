@@ -70,6 +70,32 @@ PyRefs& refs() {
 
 [[noreturn]] void invalid(const std::string& msg) { throw Error(ErrorCode::kInvalidArgument, msg); }
 
+// The UTF-8 bytes of a str. False for a str UTF-8 cannot encode (a lone surrogate such as
+// '\ud800'): such a value can name no request, uuid or layer, and the caller refuses it.
+bool utf8_of(PyObject* o, std::string* out) {
+  Py_ssize_t n = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+  if (!s) {
+    PyErr_Clear();
+    return false;
+  }
+  out->assign(s, static_cast<size_t>(n));
+  return true;
+}
+
+// Text for a message, from any str: lone surrogates become \udXXX escapes; never fails.
+std::string message_text(PyObject* o) {
+  std::string out;
+  if (utf8_of(o, &out)) return out;
+  py::object b = py::reinterpret_steal<py::object>(
+      PyUnicode_AsEncodedString(o, "utf-8", "backslashreplace"));
+  if (!b) {
+    PyErr_Clear();
+    return "(unprintable text)";
+  }
+  return std::string(PyBytes_AS_STRING(b.ptr()), static_cast<size_t>(PyBytes_GET_SIZE(b.ptr())));
+}
+
 int hexval(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -113,11 +139,10 @@ Uuid to_uuid_impl(py::handle obj) {
     return u;
   }
   if (PyUnicode_Check(o)) {
-    Py_ssize_t n = 0;
-    const char* s = PyUnicode_AsUTF8AndSize(o, &n);
-    if (!s) throw py::error_already_set();
+    std::string text;
+    if (!utf8_of(o, &text)) invalid("malformed uuid string (not encodable as UTF-8)");
     // Fast path: the canonical 36-character form and the 32 bare hex digits, parsed here.
-    std::string_view v(s, static_cast<size_t>(n));
+    std::string_view v(text);
     if (v.size() == 36 || v.size() == 32) {
       int digits = 0;
       bool ok = true;
@@ -178,10 +203,11 @@ std::string to_rid(py::handle obj) {
   if (!PyUnicode_Check(obj.ptr()))
     throw py::type_error("request id must be a str, not " +
                          std::string(Py_TYPE(obj.ptr())->tp_name));
-  Py_ssize_t n = 0;
-  const char* s = PyUnicode_AsUTF8AndSize(obj.ptr(), &n);
-  if (!s) throw py::error_already_set();
-  return std::string(s, static_cast<size_t>(n));
+  std::string rid;
+  if (!utf8_of(obj.ptr(), &rid))
+    invalid("request id " + cut_text(message_text(obj.ptr()), kMaxQuotedBytes) +
+            " is not encodable as UTF-8 (it contains a lone surrogate)");
+  return rid;
 }
 
 // A batch of uuids: a list, tuple or other iterable of uuids (not a str or bytes, which would
@@ -300,9 +326,11 @@ struct CoreState {
     if (py::isinstance(req, r.layer_name_complete)) {
       py::object name = req.attr("name");
       if (!PyUnicode_Check(name.ptr())) throw py::type_error("LayerNameComplete.name must be a str");
-      std::string n = name.cast<std::string>();
+      std::string n;
+      if (!utf8_of(name.ptr(), &n)) n = message_text(name.ptr());  // found nowhere below
       auto found = layer_index.find(n);
-      if (found == layer_index.end()) invalid("unknown layer name '" + n + "'");
+      if (found == layer_index.end())
+        invalid("unknown layer name '" + cut_text(n, kMaxQuotedBytes) + "'");
       auto it = to_small_int(req.attr("iteration"), "LayerNameComplete.iteration", 0,
                              static_cast<int64_t>(kMaxIteration));
       return layer_requirement(found->second, static_cast<uint64_t>(it));
@@ -319,9 +347,11 @@ struct CoreState {
 
   uint64_t to_layer(py::handle layer) {
     if (PyUnicode_Check(layer.ptr())) {
-      std::string n = layer.cast<std::string>();
+      std::string n;
+      if (!utf8_of(layer.ptr(), &n)) n = message_text(layer.ptr());  // found nowhere below
       auto found = layer_index.find(n);
-      if (found == layer_index.end()) invalid("unknown layer name '" + n + "'");
+      if (found == layer_index.end())
+        invalid("unknown layer name '" + cut_text(n, kMaxQuotedBytes) + "'");
       return found->second;
     }
     return static_cast<uint64_t>(
@@ -455,12 +485,12 @@ class Handle {
       msg = Py_TYPE(error.ptr())->tp_name;
       // The message is a courtesy: an exception whose __str__ fails still fails the operation.
       try {
-        msg += ": " + py::str(error).cast<std::string>();
+        msg += ": " + message_text(py::str(error).ptr());
       } catch (py::error_already_set&) {
         msg += " (its str() raised)";
       }
     } else if (PyUnicode_Check(error.ptr())) {
-      msg = error.cast<std::string>();
+      msg = message_text(error.ptr());
     } else {
       throw py::type_error("error must be None, an exception or a str");
     }

@@ -28,6 +28,7 @@ as long as the pool does. Block ids are bounds-checked by the transfer engine ag
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -364,8 +365,12 @@ def _dense_in_some_order(shape: tuple[int, ...], strides: tuple[int, ...], items
 
 
 def _check_block_dim(block_dim: Any, ndim: int, *, first: int) -> int:
-    if isinstance(block_dim, bool) or not isinstance(block_dim, int):
+    if isinstance(block_dim, (bool, float)) or not hasattr(type(block_dim), "__index__"):
         raise TypeError(f"block_dim must be an int, got {type(block_dim).__name__}")
+    try:
+        block_dim = operator.index(block_dim)  # numpy integers too
+    except Exception:  # noqa: BLE001 - a broken __index__ is the caller's wrong type
+        raise TypeError(f"block_dim must be an int ({type(block_dim).__name__}.__index__ failed)") from None
     if not first <= block_dim < ndim:
         raise InvalidArgumentError(f"block_dim={block_dim} is out of range for a {ndim}-d array")
     return block_dim

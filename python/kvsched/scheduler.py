@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import weakref
-import numbers
-import operator
 from typing import Any, Sequence
 
 from . import _core
+from ._args import check_int, check_seconds, short_repr
 from .protocol import Decision
 
 __all__ = ["Scheduler", "Handle", "WorkerSide", "TransferSide"]
@@ -27,44 +25,6 @@ MAX_INFLIGHT = 2**31 - 1
 MAX_MEMORY = 2**32  # removed_memory, poll_backlog: entries remembered
 MAX_LAYERS = 2**24 - 2  # layer indices are 0 .. 2**24-3 (LayerComplete.layer's range)
 MIN_OP_TIMEOUT_S = 1e-9  # one nanosecond: the core's resolution
-MAX_DURATION_S = 1e9  # about 31.7 years; far below int64 nanoseconds (292 years)
-
-
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    """An integer argument: an int or anything with ``__index__`` (numpy integers), not a bool."""
-    from .errors import InvalidArgumentError
-
-    if isinstance(value, bool) or isinstance(value, float) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    try:
-        v = operator.index(value)
-    except Exception:  # noqa: BLE001 - a broken __index__ is the caller's wrong type
-        raise TypeError(f"{name} must be an int ({type(value).__name__}.__index__ failed)") from None
-    if not lo <= v <= hi:
-        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {_short(v)}")
-    return v
-
-
-def _seconds(name: str, value: Any, lo: float) -> float:
-    """A duration in seconds: a real number in [lo, MAX_DURATION_S] (numpy scalars accepted)."""
-    from .errors import InvalidArgumentError
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    try:
-        v = float(value)
-    except OverflowError:
-        v = math.inf
-    if math.isnan(v) or not lo <= v <= MAX_DURATION_S:
-        raise InvalidArgumentError(
-            f"{name} must be in [{lo:g}, {MAX_DURATION_S:g}] seconds, got {_short(value)}"
-        )
-    return v
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 Handle = _core.Handle
 WorkerSide = _core.WorkerSide
@@ -199,9 +159,9 @@ class Scheduler:
     ) -> None:
         from .errors import InvalidArgumentError
 
-        _int("max_inflight", max_inflight, 1, MAX_INFLIGHT)
-        _int("removed_memory", removed_memory, 1, MAX_MEMORY)
-        _int("poll_backlog", poll_backlog, 1, MAX_MEMORY)
+        check_int("max_inflight", max_inflight, 1, MAX_INFLIGHT)
+        check_int("removed_memory", removed_memory, 1, MAX_MEMORY)
+        check_int("poll_backlog", poll_backlog, 1, MAX_MEMORY)
         names: list[str] = []
         if layer_names is not None:
             if isinstance(layer_names, (str, bytes)):
@@ -215,12 +175,18 @@ class Scheduler:
             for n in names:
                 if not isinstance(n, str):
                     raise TypeError(f"layer names must be str, not {type(n).__name__}")
+                try:
+                    n.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidArgumentError(
+                        f"layer name {short_repr(n)} is not encodable as UTF-8 (a lone surrogate)"
+                    ) from None
             if len(set(names)) != len(names):
                 raise InvalidArgumentError("layer_names contains duplicates")
             if len(names) > MAX_LAYERS:
                 raise InvalidArgumentError(f"at most {MAX_LAYERS} layer_names, got {len(names)}")
         if num_layers is not None:
-            num_layers = _int("num_layers", num_layers, 1, MAX_LAYERS)
+            num_layers = check_int("num_layers", num_layers, 1, MAX_LAYERS)
             if names and num_layers != len(names):
                 raise InvalidArgumentError(
                     f"num_layers={num_layers} disagrees with {len(names)} layer_names"
@@ -228,8 +194,8 @@ class Scheduler:
         layers = num_layers if num_layers is not None else len(names)
         timeout = 0.0
         if op_timeout is not None:
-            timeout = _seconds("op_timeout", op_timeout, MIN_OP_TIMEOUT_S)
-        starvation = _seconds("store_starvation_s", store_starvation_s, 0.0)
+            timeout = check_seconds("op_timeout", op_timeout, MIN_OP_TIMEOUT_S)
+        starvation = check_seconds("store_starvation_s", store_starvation_s, 0.0)
 
         self._core = _core.Core(
             int(max_inflight), layers, timeout, int(removed_memory), int(poll_backlog),

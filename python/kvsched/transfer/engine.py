@@ -24,6 +24,7 @@ import threading
 import weakref
 from typing import Any, Callable
 
+from kvsched._args import check_int, check_seconds, short_repr
 from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError, SchedulerForkedError
 from kvsched.protocol import Decision
 from kvsched.transfer.cudart import cuda_available
@@ -92,8 +93,16 @@ class TransferEngine:
         unknown = set(options) - set(_HOST_OPTIONS) - set(_CUDA_OPTIONS)
         if unknown:
             raise TypeError(f"unknown TransferEngine option(s): {', '.join(sorted(unknown))}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, not {type(backend).__name__}")
         if backend not in ("auto", "host", "cuda"):
-            raise InvalidArgumentError(f"backend must be 'auto', 'host' or 'cuda', got {backend!r}")
+            raise InvalidArgumentError(
+                f"backend must be 'auto', 'host' or 'cuda', got {short_repr(backend)}"
+            )
+        max_pending = check_int("max_pending", max_pending, 1, 2**31 - 1)
+        if fault_hook is not None and not callable(fault_hook):
+            raise TypeError(f"fault_hook must be callable or None, not {type(fault_hook).__name__}")
+        options = _checked_options(options)
         self.scheduler = scheduler
         self._generation = _fork_generation
         self._pid = os.getpid()
@@ -318,6 +327,30 @@ class TransferEngine:
         if self._generation != _fork_generation:
             return f"TransferEngine(backend={self.backend!r}, inherited by fork: unusable)"
         return f"TransferEngine(backend={self.backend!r}, pending={self.pending}, closed={self._closed})"
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Integer and duration options range-checked here, before any thread or stream is made (a
+    ``workers=2**63`` would otherwise start threads until memory runs out)."""
+    out = dict(options)
+    ints = {"workers": (1, 1024), "split_bytes": (0, 2**62), "max_stream_ops": (1, 2**31 - 1),
+            "batch_chunk": (1, 2**31 - 1), "device": (0, 2**31 - 1)}
+    for name, (lo, hi) in ints.items():
+        if name not in out or (out[name] is None and name in ("workers", "device")):
+            continue  # absent, or None: the documented default
+        out[name] = check_int(name, out[name], lo, hi)
+    if "event_timeout" in out:
+        out["event_timeout"] = check_seconds("event_timeout", out["event_timeout"], 0.0)
+    if "auto_pin" in out and not isinstance(out["auto_pin"], bool):
+        raise TypeError(f"auto_pin must be a bool, not {type(out['auto_pin']).__name__}")
+    if "poll_interval" in out:
+        pi = out["poll_interval"]
+        if not isinstance(pi, (tuple, list)) or len(pi) != 2:
+            raise TypeError("poll_interval must be a (min, max) pair of seconds")
+        lo_s = check_seconds("poll_interval[0]", pi[0], 1e-9)
+        hi_s = check_seconds("poll_interval[1]", pi[1], lo_s)
+        out["poll_interval"] = (lo_s, hi_s)
+    return out
 
 
 def _check_writable(dst: Any) -> None:

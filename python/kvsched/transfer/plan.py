@@ -484,6 +484,8 @@ def _layers(src: BlockPool, dst: BlockPool, layers: Any) -> np.ndarray:
                 f"pools have {src.num_layers} and {dst.num_layers} layers; name the layers to copy"
             )
         return np.arange(src.num_layers, dtype=np.int64)
+    if isinstance(layers, np.ndarray) and layers.ndim == 0:
+        layers = layers.item() if layers.dtype.kind in "iu" else layers.tolist()
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
