@@ -44,19 +44,46 @@ def test_longest_prefix_from_start_and_limit():
     assert tier.count_hits(keys, start=0, limit=1) == 1
 
 
-def test_lru_eviction_skips_pinned_entries():
+def test_eviction_skips_pinned_entries():
     tier = HostTier(2)
     stored(tier, k(1), k(2))
-    tier.count_hits([k(1)])  # k(1) most recently used
-    assert tier.reserve_store(k(3)) is not None  # evicts k(2)
-    assert k(2) not in tier and tier.evictions == 1
+    assert tier.reserve_store(k(3)) is not None  # evicts k(1), the least recently stored
+    assert k(1) not in tier and tier.evictions == 1
     tier.end_store(k(3), True)
-    tier.pin_for_load([k(1)])
+    tier.pin_for_load([k(2)])
     tier.pin_for_load([k(3)])
     assert tier.reserve_store(k(4)) is None  # every slot pinned by a load
     tier.end_load([k(3)], True)
-    assert tier.reserve_store(k(4)) is not None  # k(3) evicted now, k(1) still pinned
-    assert k(1) in tier and k(3) not in tier
+    assert tier.reserve_store(k(4)) is not None  # k(3) evicted now, k(2) still pinned
+    assert k(2) in tier and k(3) not in tier
+
+
+def test_least_recently_used_request_first_tail_before_head():
+    tier = HostTier(6)
+    a = [k(10 + i) for i in range(3)]
+    b = [k(20 + i) for i in range(3)]
+    for i, key in enumerate(a):  # request A stores its 3 blocks, then B
+        tier.reserve_store(key, "A", i)
+        tier.end_store(key, True)
+    for i, key in enumerate(b):
+        tier.reserve_store(key, "B", i)
+        tier.end_store(key, True)
+    tier.finish_request("B", b)
+    tier.finish_request("A", a)  # A finished last: its blocks are the most recent, head most
+    order = []
+    for i in range(6):
+        tier.reserve_store(k(100 + i))
+        order.append(next(x for x in a + b if x not in tier and x not in order))
+    assert order == [b[2], b[1], b[0], a[2], a[1], a[0]]
+
+
+def test_a_load_makes_blocks_recent_for_its_request():
+    tier = HostTier(3)
+    stored(tier, k(1), k(2), k(3))
+    tier.pin_for_load([k(1)], "R", 0)  # R's rank is newer than every stored block
+    tier.end_load([k(1)], True)
+    tier.reserve_store(k(4))
+    assert k(1) in tier and k(2) not in tier
 
 
 def test_storing_entries_are_pinned():

@@ -177,8 +177,12 @@ class Worker:
     def running_jobs(self, rid: str) -> list[Any]:
         return [j for j in self.jobs if not j.done() and str(j.request_id).split("\x00")[0] == rid]
 
-    def check_prefix(self, req: Request, block_ids: list[int], upto: int) -> None:
-        for layer, name in enumerate(layer_names()):
+    def check_prefix(self, req: Request, block_ids: list[int], upto: int, layer: int) -> None:
+        """What attention reads in ``layer``: the KV of every earlier position, in that layer
+        (checked after wait_for_layer_load(layer), as a layer reads only its own KV)."""
+        if req.request_id in self.step_errors:
+            return
+        for name in layer_names()[layer : layer + 1]:
             t = self.kv[name]
             for pos in range(upto):
                 got = read_kv(t, self.layout, block_ids[pos // BLOCK], pos % BLOCK)
@@ -209,8 +213,8 @@ class Worker:
                 for rid in req_ids:
                     req, ids = requests[rid], block_ids[rid]
                     start = starts[rid]
-                    if layer == 0 and check:
-                        self.check_prefix(req, ids, start)
+                    if check:
+                        self.check_prefix(req, ids, start, layer)
                     for pos in range(start, start + so.num_scheduled_tokens[rid]):
                         write_kv(t, self.layout, ids[pos // BLOCK], pos % BLOCK,
                                  kv_value(req.all_token_ids[pos], pos, layer))
@@ -352,8 +356,10 @@ class Engine:
     def busy(self) -> bool:
         s = self.scheduler
         leader = getattr(self.connector, "leader", None)
+        # vLLM's OffloadingConnector (bench): its scheduler side's transfer jobs in flight
+        other = getattr(getattr(self.connector, "connector_scheduler", None), "_jobs", None)
         return bool(s.get_num_unfinished_requests() or s.has_finished_requests()
-                    or (leader is not None and leader.pending_ops()) or s.finished_req_ids)
+                    or (leader is not None and leader.pending_ops()) or other or s.finished_req_ids)
 
     def drain_wait(self) -> None:
         for w in self.workers:

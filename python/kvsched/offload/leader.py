@@ -50,6 +50,7 @@ class _Request:
     ops: set[int] = field(default_factory=set)  # operations not yet reported by every worker
     async_load: int | None = None  # the async load in flight, if any
     finished: bool = False
+    used: dict[int, bytes] = field(default_factory=dict)  # block position -> key it loaded or stored
 
 
 class OffloadLeader:
@@ -135,7 +136,8 @@ class OffloadLeader:
                 f"request {req_id!r}: load of blocks {start}..{start + n} but it has "
                 f"{len(block_hashes)} hashes and {len(gpu_block_ids)} GPU blocks"
             )
-        host = self.tier.pin_for_load(keys)
+        host = self.tier.pin_for_load(keys, req_id, start)
+        r.used.update(zip(range(start, start + n), keys))
         op_id = new_op_id()
         self._ops[op_id] = _Op(_LOAD, req_id, keys)
         r.ops.add(op_id)
@@ -167,14 +169,18 @@ class OffloadLeader:
         for i in range(begin, end):
             key = bytes(block_hashes[i])
             if key in tier:
+                if tier.is_ready(key):  # the request reuses a stored block: it counts as used
+                    tier.access(req_id, [key], i)
+                    r.used[i] = key
                 continue
-            slot = tier.reserve_store(key)
+            slot = tier.reserve_store(key, req_id, i)
             if slot is None:  # every slot is pinned by a transfer: try again in a later step
                 self.stats["stores_skipped_full"] += end - i
                 break
             keys.append(key)
             gpu.append(int(gpu_block_ids[i]))
             host.append(slot)
+            r.used[i] = key
         r.store_cursor = max(r.store_cursor, end)
         spec = None
         if keys:
@@ -207,6 +213,9 @@ class OffloadLeader:
         if r is None:
             return False
         r.finished = True
+        if r.used:
+            self.tier.finish_request(req_id, [r.used[i] for i in sorted(r.used)])
+            r.used.clear()
         if aborted and r.ops:
             self._plan.aborted.append(req_id)
         if not r.ops:

@@ -8,16 +8,23 @@ slot (a block of the workers' host pools) and is in one of two states:
 * READY: the store completed on every worker. A hit for lookups.
 
 Entries that a transfer is using are pinned (a STORING entry always; a READY entry while loads
-read it) and are never evicted. Eviction takes the least recently used unpinned READY entry;
-a lookup hit, a load and a completed store make an entry the most recently used. A failed load
-drops the entry (its bytes may be bad), once the last load reading it has ended.
+read it) and are never evicted. A failed load drops the entry (its bytes may be bad), once the
+last load reading it has ended.
+
+Eviction: least recently used, by request (the policy vLLM's offloading calls "lru"). Every
+entry has a rank; the unpinned READY entry with the smallest rank goes first. A request that
+stores or loads a block gives it the provisional rank ``(request rank, -position)``: the
+request's rank is taken when it first uses the tier, and within one request the tail (larger
+position) ranks below the head. When the request finishes, its blocks get fresh ranks, tail
+first, so its head is the most recently used block of the tier. Lookups do not change ranks.
+Selection is a lazy min-heap: O(log n) per eviction and per rank change.
 
 Not thread-safe: the engine's scheduler calls it from one thread.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import heapq
 from typing import Iterable, Sequence
 
 from kvsched.errors import InvalidArgumentError
@@ -28,13 +35,18 @@ _STORING, _READY = 0, 1
 
 
 class _Entry:
-    __slots__ = ("slot", "state", "pins", "doomed")
+    __slots__ = ("slot", "state", "pins", "doomed", "rank")
 
-    def __init__(self, slot: int) -> None:
+    def __init__(self, slot: int, rank: tuple[int, int]) -> None:
         self.slot = slot
         self.state = _STORING
         self.pins = 1  # the store's pin
         self.doomed = False  # drop when the last pin goes (a load of it failed)
+        self.rank = rank
+
+    @property
+    def evictable(self) -> bool:
+        return self.state == _READY and self.pins == 0
 
 
 class HostTier:
@@ -44,10 +56,11 @@ class HostTier:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise InvalidArgumentError(f"capacity must be an int >= 1, got {capacity!r}")
         self.capacity = capacity
-        # LRU order: least recently used first. Pinned entries stay in the order; eviction skips
-        # them (a scan bounded by the number of pinned entries, which transfers bound).
-        self._entries: "OrderedDict[bytes, _Entry]" = OrderedDict()
+        self._entries: dict[bytes, _Entry] = {}
         self._free = list(range(capacity - 1, -1, -1))  # pop() gives slot 0 first
+        self._heap: list[tuple[tuple[int, int], bytes]] = []  # (rank, key), lazily invalidated
+        self._next_rank = 0
+        self._request_rank: dict[str, int] = {}
         self.evictions = 0
 
     # ------------------------------------------------------------------------------ queries
@@ -73,7 +86,7 @@ class HostTier:
 
     def count_hits(self, keys: Sequence[bytes], start: int = 0, limit: int | None = None) -> int:
         """Consecutive READY entries among ``keys[start:limit]``, from ``start``: the longest
-        prefix of hits. Hits become the most recently used."""
+        prefix of hits (ranks unchanged)."""
         end = len(keys) if limit is None else min(limit, len(keys))
         n = 0
         entries = self._entries
@@ -81,9 +94,62 @@ class HostTier:
             e = entries.get(keys[i])
             if e is None or e.state != _READY or e.doomed:
                 break
-            entries.move_to_end(keys[i])
             n += 1
         return n
+
+    # ------------------------------------------------------------------------------ recency
+
+    def _rank_of_request(self, req: str | None) -> int:
+        if req is None:
+            self._next_rank += 1
+            return self._next_rank
+        r = self._request_rank.get(req)
+        if r is None:
+            self._next_rank += 1
+            r = self._request_rank[req] = self._next_rank
+        return r
+
+    def _set_rank(self, key: bytes, e: _Entry, rank: tuple[int, int]) -> None:
+        e.rank = rank
+        if e.evictable:
+            heapq.heappush(self._heap, (rank, key))
+
+    def access(self, req: str | None, keys: Sequence[bytes], first_position: int) -> None:
+        """Request ``req`` uses ``keys`` (positions ``first_position``, ...): each ranks at least
+        ``(request rank, -position)``."""
+        base = self._rank_of_request(req)
+        for i, key in enumerate(keys):
+            e = self._entries.get(key)
+            if e is not None:
+                rank = (base, -(first_position + i))
+                if e.rank < rank:
+                    self._set_rank(key, e, rank)
+
+    def finish_request(self, req: str, keys: Sequence[bytes]) -> None:
+        """Request ``req`` ended; ``keys``: the blocks it used, head first. They become the most
+        recently used, the head most of all."""
+        self._request_rank.pop(req, None)
+        for key in reversed(keys):
+            e = self._entries.get(key)
+            if e is not None:
+                self._next_rank += 1
+                self._set_rank(key, e, (self._next_rank, 0))
+
+    def _pop_victim(self) -> tuple[bytes, _Entry] | None:
+        heap, entries = self._heap, self._entries
+        while heap:
+            rank, key = heapq.heappop(heap)
+            e = entries.get(key)
+            if e is not None and e.rank == rank and e.evictable and not e.doomed:
+                return key, e
+        return None
+
+    def _became_evictable(self, key: bytes, e: _Entry) -> None:
+        if e.evictable:
+            heapq.heappush(self._heap, (e.rank, key))
+            if len(self._heap) > 4 * max(len(self._entries), 16):  # drop stale heap entries
+                self._heap = [(x.rank, k) for k, x in self._entries.items() if x.evictable]
+                heapq.heapify(self._heap)
 
     @property
     def pinned(self) -> int:
@@ -91,8 +157,9 @@ class HostTier:
 
     # ------------------------------------------------------------------------------ loads
 
-    def pin_for_load(self, keys: Iterable[bytes]) -> list[int]:
-        """Pin READY entries for a load; returns their slots. Raises if one is not READY."""
+    def pin_for_load(self, keys: Iterable[bytes], req: str | None = None, first_position: int = 0) -> list[int]:
+        """Pin READY entries for a load by ``req`` (their positions from ``first_position``);
+        returns their slots. Raises if one is not READY."""
         keys = list(keys)
         for k in keys:
             if not self.is_ready(k):
@@ -101,8 +168,8 @@ class HostTier:
         for k in keys:
             e = self._entries[k]
             e.pins += 1
-            self._entries.move_to_end(k)
             slots.append(e.slot)
+        self.access(req, keys, first_position)
         return slots
 
     def end_load(self, keys: Iterable[bytes], ok: bool) -> None:
@@ -116,23 +183,27 @@ class HostTier:
                 e.doomed = True
             if e.doomed and e.pins == 0:
                 self._drop(k, e)
+            else:
+                self._became_evictable(k, e)
 
     # ------------------------------------------------------------------------------ stores
 
-    def reserve_store(self, key: bytes) -> int | None:
-        """A slot for storing ``key``, or None when the key is already in the tier (stored or
-        being stored) or every slot is pinned. May evict the LRU unpinned READY entry."""
+    def reserve_store(self, key: bytes, req: str | None = None, position: int = 0) -> int | None:
+        """A slot for storing ``key`` (block ``position`` of request ``req``), or None when the
+        key is already in the tier (stored or being stored) or every slot is pinned. May evict
+        the unpinned READY entry of smallest rank."""
         if key in self._entries:
             return None
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k, e in self._entries.items() if e.pins == 0), None)
+            victim = self._pop_victim()
             if victim is None:
                 return None
-            slot = self._entries.pop(victim).slot
+            del self._entries[victim[0]]
+            slot = victim[1].slot
             self.evictions += 1
-        self._entries[key] = _Entry(slot)
+        self._entries[key] = _Entry(slot, (self._rank_of_request(req), -position))
         return slot
 
     def end_store(self, key: bytes, ok: bool) -> None:
@@ -143,7 +214,7 @@ class HostTier:
         e.pins -= 1
         if ok and not e.doomed:
             e.state = _READY
-            self._entries.move_to_end(key)
+            self._became_evictable(key, e)
         else:
             e.doomed = True
             if e.pins == 0:
@@ -162,6 +233,7 @@ class HostTier:
             self._drop(k, self._entries[k])
         for e in self._entries.values():
             e.doomed = True
+        self._heap = []
         return len(drop)
 
     def __repr__(self) -> str:

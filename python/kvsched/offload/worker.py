@@ -125,6 +125,7 @@ class OffloadWorker:
         self._release: set[str] = set()
         self._finished_rids: set[str] = set()
         self._step_loads: list[LoadSpec] = []
+        self._fenced: StepPlan | None = None  # the plan whose preemptions were fenced already
         self._layer_loads: list[_Op] = []
         self._results = StepResults()
         self.stats = _new_stats()
@@ -192,8 +193,9 @@ class OffloadWorker:
                     f"the scheduler side plans for {plan.host_blocks} host blocks, this worker has "
                     f"{self.host_blocks}: both must derive the capacity from the same host_bytes and block size"
                 )
-            for rid in plan.preempted:
-                self._cancel_request(rid, fence=True, new_generation=True)
+            if self._fenced is not plan:
+                self.fence_preempted(plan)
+            self._fenced = None
             for rid in plan.aborted:
                 self._cancel_request(rid, fence=False, new_generation=False)
             if plan.stores:
@@ -204,6 +206,20 @@ class OffloadWorker:
                 self._finished_rids.add(rid)
         self.cpu_s += time.thread_time() - t0
         return self._iteration
+
+    def fence_preempted(self, plan: StepPlan | None) -> None:
+        """The plan's preempted requests: cancel their loads that have not started and wait
+        until no copy touches their GPU blocks. Call it before the engine reuses those blocks
+        (vLLM: ``handle_preemptions``, before it zeroes new blocks); ``begin_step`` calls it
+        for a plan that did not get it."""
+        if plan is None or not plan.preempted:
+            return
+        t0 = time.thread_time()
+        self._require_registered()
+        for rid in plan.preempted:
+            self._cancel_request(rid, fence=True, new_generation=True)
+        self._fenced = plan
+        self.cpu_s += time.thread_time() - t0
 
     def _join_stores(self, specs: list[StoreSpec]) -> None:
         """This step's stores, all requests together: one kvsched operation per layer in the

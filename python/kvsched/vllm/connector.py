@@ -233,9 +233,12 @@ class KvschedConnector(KVConnectorBase_V1):
         self.cpu_s += time.thread_time() - t0
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        # Preempted requests are cancelled and fenced in bind_connector_metadata, which runs
-        # before the forward pass that may reuse their blocks.
-        return
+        # vLLM calls this before it zeroes or reuses the blocks it took from preempted
+        # requests: cancel their pending loads, wait until no copy touches those blocks.
+        if isinstance(kv_connector_metadata, KvschedConnectorMetadata):
+            t0 = time.thread_time()
+            self.worker.fence_preempted(kv_connector_metadata.plan)
+            self.cpu_s += time.thread_time() - t0
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         t0 = time.thread_time()
