@@ -72,14 +72,20 @@ PyRefs& refs() {
 
 // The UTF-8 bytes of a str. False for a str UTF-8 cannot encode (a lone surrogate such as
 // '\ud800'): such a value can name no request, uuid or layer, and the caller refuses it.
-bool utf8_of(PyObject* o, std::string* out) {
+bool utf8_view(PyObject* o, std::string_view* out) {
   Py_ssize_t n = 0;
-  const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+  const char* s = PyUnicode_AsUTF8AndSize(o, &n);  // cached by the str: valid while it lives
   if (!s) {
     PyErr_Clear();
     return false;
   }
-  out->assign(s, static_cast<size_t>(n));
+  *out = std::string_view(s, static_cast<size_t>(n));
+  return true;
+}
+bool utf8_of(PyObject* o, std::string* out) {
+  std::string_view v;
+  if (!utf8_view(o, &v)) return false;
+  out->assign(v.data(), v.size());
   return true;
 }
 
@@ -139,10 +145,9 @@ Uuid to_uuid_impl(py::handle obj) {
     return u;
   }
   if (PyUnicode_Check(o)) {
-    std::string text;
-    if (!utf8_of(o, &text)) invalid("malformed uuid string (not encodable as UTF-8)");
+    std::string_view v;
+    if (!utf8_view(o, &v)) invalid("malformed uuid string (not encodable as UTF-8)");
     // Fast path: the canonical 36-character form and the 32 bare hex digits, parsed here.
-    std::string_view v(text);
     if (v.size() == 36 || v.size() == 32) {
       int digits = 0;
       bool ok = true;
@@ -203,11 +208,11 @@ std::string to_rid(py::handle obj) {
   if (!PyUnicode_Check(obj.ptr()))
     throw py::type_error("request id must be a str, not " +
                          std::string(Py_TYPE(obj.ptr())->tp_name));
-  std::string rid;
-  if (!utf8_of(obj.ptr(), &rid))
+  std::string_view rid;
+  if (!utf8_view(obj.ptr(), &rid))
     invalid("request id " + cut_text(message_text(obj.ptr()), kMaxQuotedBytes) +
             " is not encodable as UTF-8 (it contains a lone surrogate)");
-  return rid;
+  return std::string(rid);
 }
 
 // A batch of uuids: a list, tuple or other iterable of uuids (not a str or bytes, which would
@@ -237,6 +242,11 @@ std::vector<Uuid> to_uuid_list(py::handle obj, const std::string& rid) {
 // the same way everywhere; never a bool (True is not a layer) or a float.
 int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
   PyObject* o = obj.ptr();
+  if (PyLong_CheckExact(o)) {  // the common case: a plain int, no __index__ round trip
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (!overflow && v >= lo && v <= hi) return v;
+  }
   if (PyBool_Check(o) || PyFloat_Check(o) ||
       (!PyLong_Check(o) && !(Py_TYPE(o)->tp_as_number && Py_TYPE(o)->tp_as_number->nb_index)))
     throw py::type_error(std::string(what) + " must be an int, not " + Py_TYPE(o)->tp_name);
@@ -271,6 +281,10 @@ int64_t to_small_int(py::handle obj, const char* what, int64_t lo, int64_t hi) {
 // An enum argument: its own enum's members or plain integers; a member of another enum
 // (Decision.EXECUTE as a mode, a RequestMode as a kind) is a TypeError, not its integer value.
 int64_t to_enum_value(py::handle obj, const py::object& cls, const char* what) {
+  // Fast paths first (every enqueue passes a kind): a member of the right enum, or a plain int.
+  if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(cls.ptr()) ||
+      PyLong_CheckExact(obj.ptr()))
+    return to_small_int(obj, what, 0, 1);
   if (PyObject_IsInstance(obj.ptr(), refs().enum_base.ptr()) == 1 &&
       PyObject_IsInstance(obj.ptr(), cls.ptr()) != 1)
     throw py::type_error(std::string(what) + " must be a " +

@@ -103,6 +103,14 @@ void Scheduler::check_open_worker_call() const {
 
 void Scheduler::check_distinct(const std::string& rid, const std::vector<Uuid>& uuids) {
   if (uuids.size() < 2) return;
+  if (uuids.size() <= 16) {  // engines batch a few ops per request: compare pairs, no copy
+    for (size_t i = 1; i < uuids.size(); ++i)
+      for (size_t j = 0; j < i; ++j)
+        if (uuids[i] == uuids[j])
+          fail(ErrorCode::kDuplicate, rid, &uuids[i],
+               "the uuid appears twice in one batch; nothing applied");
+    return;
+  }
   std::vector<Uuid> sorted(uuids);
   auto less = [](const Uuid& a, const Uuid& b) { return a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo; };
   std::sort(sorted.begin(), sorted.end(), less);
@@ -326,15 +334,16 @@ void Scheduler::enqueue_many(const std::string& rid, const std::vector<Uuid>& uu
   {
     std::lock_guard<Mutex> slot_lock(slot->mu);
     if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuids[0], "no slot (it was removed)");
+    const std::vector<Shard*> order = lock_order(uuids);
     std::vector<std::unique_lock<Mutex>> shard_locks;
-    for (Shard* sh : lock_order(uuids)) shard_locks.emplace_back(sh->mu);
-    // Every element is checked before any is applied: a refusal changes nothing (S8).
-    std::vector<OpPtr> existing(uuids.size());
+    shard_locks.reserve(order.size());
+    for (Shard* sh : order) shard_locks.emplace_back(sh->mu);
+    // Every element is checked before any is applied: a refusal changes nothing (S8). The
+    // check leaves each element's existing op (or none) in its claim; the apply fills the rest.
+    for (const Uuid& u : uuids) claims.push_back({enqueue_check_locked(shard(u), rid, u, mode)});
     for (size_t i = 0; i < uuids.size(); ++i)
-      existing[i] = enqueue_check_locked(shard(uuids[i]), rid, uuids[i], mode);
-    for (size_t i = 0; i < uuids.size(); ++i)
-      claims.push_back(enqueue_claim_locked(shard(uuids[i]), slot, std::move(existing[i]), rid,
-                                            uuids[i], kind, mode));
+      claims[i] = enqueue_claim_locked(shard(uuids[i]), slot, std::move(claims[i].op), rid,
+                                       uuids[i], kind, mode);
     cancel_now = slot->cancelled && mode == Mode::kScheduled;
   }
   for (auto& c : claims) enqueue_finish(c, mode, cancel_now);
@@ -660,20 +669,21 @@ std::vector<OpPtr> Scheduler::schedule_many(const std::string& rid,
   out.reserve(uuids.size());
   std::vector<OpPtr> evicted_held;
   {
+    const std::vector<Shard*> order = lock_order(uuids);
     std::vector<std::unique_lock<Mutex>> shard_locks;
-    for (Shard* sh : lock_order(uuids)) shard_locks.emplace_back(sh->mu);
-    // Every element is checked before any is applied: a refusal changes nothing (S8).
-    std::vector<OpPtr> existing(uuids.size());
-    std::vector<char> late(uuids.size(), 0);
-    for (size_t i = 0; i < uuids.size(); ++i) {
-      bool l = false;
-      existing[i] = schedule_check_locked(shard(uuids[i]), rid, uuids[i], mode, &l);
-      late[i] = l;
+    shard_locks.reserve(order.size());
+    for (Shard* sh : order) shard_locks.emplace_back(sh->mu);
+    // Every element is checked before any is applied: a refusal changes nothing (S8). The
+    // check leaves each element's existing op and lateness in its claim; the apply fills the rest.
+    for (const Uuid& u : uuids) {
+      ScheduleClaim c;
+      c.op = schedule_check_locked(shard(u), rid, u, mode, &c.late);
+      claims.push_back(std::move(c));
     }
     std::lock_guard<Mutex> rid_lock(rid_mu_);  // lock order: shards -> rid_mu_
     for (size_t i = 0; i < uuids.size(); ++i)
-      claims.push_back(schedule_claim_locked(shard(uuids[i]), std::move(existing[i]), late[i] != 0,
-                                             rid, uuids[i], mode, &evicted_held));
+      claims[i] = schedule_claim_locked(shard(uuids[i]), std::move(claims[i].op), claims[i].late,
+                                        rid, uuids[i], mode, &evicted_held);
   }
   if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
   for (size_t i = 0; i < uuids.size(); ++i)

@@ -143,7 +143,7 @@ def test_poll_backlog_stays_bounded(impl):
     s.close()
     write_report(f"concurrency_poll_backlog_{impl}", {
         "threads": n_threads + 2, "operations": len(rids), "poll_backlog": 8,
-        "peak_poll_backlog": max(peaks), "evicted": evicted})
+        "peak_poll_backlog": max(peaks, default=0), "evicted": evicted})
 
 
 def test_core_queues_do_not_grow_without_take_finished_or_poll():
