@@ -195,10 +195,13 @@ def run(name: str, connector: str, module: str | None, extra: dict[str, Any], wa
             handler = w.connector.connector_worker.worker
             w.connector.drain = handler.drain
     t0 = time.perf_counter()
-    for wave in waves:
-        for rid, p, n in wave:
-            e.add(rid, p, n)
-        e.run(2000)
+    try:
+        for wave in waves:
+            for rid, p, n in wave:
+                e.add(rid, p, n)
+            e.run(2000)
+    except AssertionError as exc:
+        raise AssertionError(f"{name}: {exc}") from exc
     wall = time.perf_counter() - t0
     for wave in waves:
         for rid, p, n in wave:
@@ -224,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-blocks", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="runs per connector; CPU figures keep the best")
+    ap.add_argument("--layers", type=int, default=3, help="model layers (per-layer hooks and copies)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    H.LAYERS = args.layers
     block_bytes = H.spec().page_size_bytes * H.LAYERS
     host_bytes = args.tier_blocks * block_bytes
     waves = trace(args.requests, args.seed)
@@ -242,23 +247,26 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, conn, module, extra in configs:
         best = None
+        hits = []
         for _ in range(args.repeat):
             r = run(name, conn, module, extra, waves, args.gpu_blocks)
+            hits.append(r["hit_tokens"])
             if best is not None:
-                assert r["hit_tokens"] == best["hit_tokens"]
                 for k in ("scheduler_cpu_us_per_step", "worker_cpu_us_per_step", "wall_s"):
                     r[k] = min(r[k], best[k])
             best = r
+        best["hit_tokens_runs"] = hits  # hits can depend on when stores complete (vLLM: HIT_PENDING)
         results.append(best)
     import vllm
 
     print(f"vLLM {vllm.__version__}, {args.requests} requests in {len(waves)} waves, tier {args.tier_blocks} blocks "
           f"of {block_bytes} bytes, {H.LAYERS} layers, best of {args.repeat}")
-    print(f"{'connector':28} {'steps':>6} {'tier hits (tokens)':>19} {'sched CPU us/step':>18} "
+    print(f"{'connector':26} {'steps':>6} {'tier hits (tokens) per run':>28} {'sched CPU us/step':>18} "
           f"{'worker CPU us/step':>19} {'wall s':>7}")
     for r in results:
-        print(f"{r['connector']:28} {r['steps']:6d} {r['hit_tokens']:12d} / {r['prompt_tokens']:<5d}"
-              f"{r['scheduler_cpu_us_per_step']:18.1f} {r['worker_cpu_us_per_step']:19.1f} {r['wall_s']:7.2f}")
+        hits = "/".join(str(h) for h in r["hit_tokens_runs"])
+        print(f"{r['connector']:26} {r['steps']:6d} {hits + ' of ' + str(r['prompt_tokens']):>28}"
+              f"{r['scheduler_cpu_us_per_step']:19.1f} {r['worker_cpu_us_per_step']:19.1f} {r['wall_s']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"vllm": vllm.__version__, "args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2))
