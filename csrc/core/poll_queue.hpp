@@ -1,4 +1,5 @@
-// Decided SCHEDULED operations waiting to be taken by Scheduler::poll (SPEC section 3, `poll`).
+// Decided SCHEDULED operations waiting to be taken by Scheduler::poll (contract section 3,
+// docs/contract.md, `poll`).
 //
 // Contract
 //   - Blocking with timeout (mutex + condition variable): poll() is the executor's blocking entry

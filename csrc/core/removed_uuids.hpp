@@ -1,5 +1,6 @@
-// The removed-uuid memory (SPEC S6, docs/semantics.md "Cancel, remove, reuse"): the uuids of
-// removed slots, oldest forgotten first once more than `capacity` are remembered.
+// The removed-uuid memory (contract S6 in docs/contract.md; docs/semantics.md "Cancel, remove,
+// reuse"): the uuids of removed slots, oldest forgotten first once more than `capacity` are
+// remembered.
 //
 // Contract
 //   - Not thread-safe: the scheduler guards it with one mutex (Scheduler::removed_mu_).

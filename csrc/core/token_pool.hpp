@@ -1,4 +1,4 @@
-// Concurrency tokens for max_inflight (SPEC S3).
+// Concurrency tokens for max_inflight (contract S3, docs/contract.md).
 //
 // Contract
 //   - try_acquire() is lock-free (CAS loop), release() wait-free (one fetch_add).

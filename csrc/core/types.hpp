@@ -47,8 +47,8 @@ enum class Outcome : uint8_t { kOpen = 0, kCompleted = 1, kFailed = 2, kCancelle
 //   position = iteration << 24 | stage
 // where stage is the number of layers complete in that iteration, or kIterationDone once the
 // iteration is marked complete. A requirement holds exactly when progress >= its position, which
-// covers every clause of SPEC S2 with one comparison (a later iteration compares above every
-// stage of an earlier one). Position 0 is "no requirement".
+// covers every clause of contract S2 (docs/contract.md) with one comparison (a later iteration
+// compares above every stage of an earlier one). Position 0 is "no requirement".
 constexpr int kStageBits = 24;
 constexpr uint64_t kIterationDone = (uint64_t{1} << kStageBits) - 1;
 constexpr uint64_t kMaxLayer = kIterationDone - 2;             // so layer + 1 < kIterationDone
@@ -96,8 +96,8 @@ inline std::string cut_text(const std::string& text, size_t max) {
 }
 
 // The one exception type of the core. Every public operation validates before it mutates, so an
-// Error always leaves the scheduler as it was (SPEC S8). The binding layer maps `code` to the
-// Python class of the same name in kvsched/errors.py.
+// Error always leaves the scheduler as it was (contract S8, docs/contract.md). The binding layer
+// maps `code` to the Python class of the same name in kvsched/errors.py.
 class Error : public std::exception {
  public:
   Error(ErrorCode code, std::string message) : code_(code), message_(std::move(message)) {}

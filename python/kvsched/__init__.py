@@ -1,6 +1,6 @@
 """kvsched: a KV-cache transfer scheduler for LLM serving engines.
 
-Import never needs a GPU, a driver or cuda-python (SPEC section 4).
+Import never needs a GPU, a driver or cuda-python (contract section 4, docs/contract.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The C++ core reports a status code; the binding layer maps each code to one of these classes
 (``csrc/bindings/module.cpp``), so Python and C++ never disagree on names. Every message names
-the request id and the uuid involved (SPEC S8).
+the request id and the uuid involved (contract S8, docs/contract.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class ProtocolError(KvschedError):
 class HandleDroppedError(KvschedError):
     """A decided handle was garbage-collected without ``mark_complete``.
 
-    Never raised at the caller: recorded as the failure of the operation (SPEC S4)."""
+    Never raised at the caller: recorded as the failure of the operation (contract S4,
+    docs/contract.md)."""
 
 
 class SchedulerClosedError(KvschedError):

@@ -1,4 +1,4 @@
-"""Block pools: where a KV cache's blocks live in memory (SPEC section 4).
+"""Block pools: where a KV cache's blocks live in memory (contract section 4, docs/contract.md).
 
 A pool is a set of layers with the same geometry. In every layer, block ``b`` consists of
 ``num_pieces`` equally sized byte ranges ("pieces")::

@@ -1,4 +1,5 @@
-"""Value types of the public API: enums and scheduling requirements (SPEC section 3)."""
+"""Value types of the public API: enums and scheduling requirements (contract section 3,
+docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ Requirement = (LayerComplete, LayerNameComplete, IterationComplete)  # isinstanc
 
 @dataclass(frozen=True)
 class SlotStatus:
-    """A snapshot of one slot's counters (SPEC S4, S11).
+    """A snapshot of one slot's counters (contract S4, S11 in docs/contract.md).
 
     ``errors`` lists ``(uuid, message)`` for every failed, dropped or timed-out operation."""
 

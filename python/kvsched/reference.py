@@ -1,4 +1,5 @@
-"""Pure-Python reference model of the kvsched scheduler (SPEC S1-S12, docs/semantics.md).
+"""Pure-Python reference model of the kvsched scheduler (contract S1-S12 in docs/contract.md;
+docs/semantics.md).
 
 Why it exists: it is the executable statement of the contract that the C++ core is tested
 against (the spec tests and the differential model test run both), and the performance
@@ -19,7 +20,7 @@ count operation ends, with ``dropped`` included in ``failed`` and ``timed_out`` 
 ``cancelled``. Held outcomes (an IMMEDIATE outcome, or a CANCEL, for a transfer half whose
 worker half never comes) are kept until the worker half arrives; they are not bounded.
 
-Readings of what SPEC and docs/semantics.md leave open: deadlines and cancellation apply to
+Readings of what the contract and docs/semantics.md leave open: deadlines and cancellation apply to
 SCHEDULED operations only (an IMMEDIATE one is run by the transfer engine already);
 ``take_finished`` lists a rid at most once per call, and only if it is still complete then
 (a later completion reports it again); a second ``mark_iteration_complete`` is a
@@ -483,7 +484,7 @@ def _timer_main(ref, stop):
 
 
 class ReferenceScheduler:
-    """Pure-Python scheduler with the public surface of SPEC section 3."""
+    """Pure-Python scheduler with the public surface of contract section 3 (docs/contract.md)."""
 
     def __init__(self, max_inflight=64, layer_names=None, op_timeout=None, *, num_layers=None,
                  removed_memory=65536, poll_backlog=65536, store_starvation_s=0.05):

@@ -1,4 +1,4 @@
-"""`Scheduler`: the public entry point over the C++ core (SPEC sections 2-3).
+"""`Scheduler`: the public entry point over the C++ core (contract sections 2-3, docs/contract.md).
 
 The core (``kvsched._core``) owns all state and concurrency. This module only validates the
 constructor's arguments, exposes the two sides (``worker`` and ``transfer``), and adds the

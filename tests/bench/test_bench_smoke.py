@@ -1,4 +1,5 @@
-"""kvsched-bench --quick runs end to end and writes the JSON keys of SPEC section 5.
+"""kvsched-bench --quick runs end to end and writes the JSON keys of contract section 5
+(docs/contract.md).
 
 Figures must be positive and finite; their ratios are not checked here (speed belongs to
 benchmarks, not to tests)."""

@@ -4,11 +4,11 @@ agree; the rule each test holds is written in docs/semantics.md.
 
 Two kinds:
 
-* bugs: one implementation broke a sentence of SPEC.md or docs/semantics.md (all in the core:
-  the cancelled-rid memory, held CANCEL outcomes for a cancelled rid, poll after mark, ``with``
-  over a handle that cannot be marked). Each test runs on both implementations.
-* cases SPEC left open where the two had chosen differently: each test asserts they agree and
-  the expected result.
+* bugs: one implementation broke a sentence of docs/contract.md or docs/semantics.md (all in the
+  core: the cancelled-rid memory, held CANCEL outcomes for a cancelled rid, poll after mark,
+  ``with`` over a handle that cannot be marked). Each test runs on both implementations.
+* cases the contract left open where the two had chosen differently: each test asserts they
+  agree and the expected result.
 """
 
 from __future__ import annotations

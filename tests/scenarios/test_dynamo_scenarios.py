@@ -1,4 +1,5 @@
-"""The 38 test scenarios of /work/shared/research/dynamo_kvbm.md section 7, in kvsched's terms.
+"""38 scenarios from the bug history of NVIDIA Dynamo's KV block manager (KVBM), in kvsched's
+terms (docs/reliability.md, row "Dynamo's bug history"; the rules are docs/contract.md).
 
 Each test is named ``test_scenario_NN_short_name``; its docstring quotes the scenario and says what
 is asserted. Every test runs on both implementations (``make_scheduler`` of tests/conftest.py:
@@ -618,7 +619,7 @@ def test_scenario_23_missing_layer_signals(make_scheduler):
     """23. "Missing layer signals (hybrid/Mamba layers, or CUDA-graph replay that never calls
     per-layer hooks). A fallback end-of-iteration signal releases gated ops; nothing waits
     forever." Asserts: ops gated on LayerComplete(k, 1) for every k, with no per-layer mark, are
-    EXECUTE once mark_iteration_complete() is called (SPEC S2)."""
+    EXECUTE once mark_iteration_complete() is called (contract S2, docs/contract.md)."""
     s = make_scheduler(num_layers=4, max_inflight=8)
     w, t = s.worker, s.transfer
     w.create_slot("r")

@@ -1,7 +1,8 @@
 """The per-operation calls take their arguments as Python functions do (positionally or by name,
-defaults as in SPEC section 3), and argument misuse is a TypeError that changes nothing. In the
-core these calls bypass pybind11's dispatcher (csrc/bindings/fast_methods.hpp), so their argument
-handling is our own code: held here to the reference model's plain Python signatures."""
+defaults as in contract section 3, docs/contract.md), and argument misuse is a TypeError that
+changes nothing. In the core these calls bypass pybind11's dispatcher
+(csrc/bindings/fast_methods.hpp), so their argument handling is our own code: held here to the
+reference model's plain Python signatures."""
 
 import inspect
 import uuid

@@ -1,4 +1,5 @@
-"""kvsched-bench: a simulated serving engine and side-by-side baselines (SPEC section 5).
+"""kvsched-bench: a simulated serving engine and side-by-side baselines (contract section 5,
+docs/contract.md).
 
 Modules: :mod:`.scheduler_bench` (ops/s of the core, the Python API and the reference model;
 dispatch latency; thread scaling), :mod:`.engine_sim` (layer-wise onboarding and offloading

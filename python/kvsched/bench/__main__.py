@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("host", "cuda", "auto"), default="host")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke tests")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON (SPEC section 5 keys)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the results as JSON (the keys of contract section 5, docs/contract.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bandwidth vs block size and overlap timeline")
     p.add_argument("--ops", type=int, default=None, help="operations per scheduler measurement")
     p.add_argument("--layers", type=int, default=8)

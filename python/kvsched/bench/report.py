@@ -1,4 +1,5 @@
-"""Output of kvsched-bench: rich tables on the terminal, the JSON of SPEC section 5, the PNG."""
+"""Output of kvsched-bench: rich tables on the terminal, the JSON of contract section 5
+(docs/contract.md), the PNG."""
 
 from __future__ import annotations
 

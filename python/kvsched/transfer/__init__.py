@@ -1,4 +1,5 @@
-"""Transfer backends: move KV blocks between block pools and mark scheduler handles (SPEC 4).
+"""Transfer backends: move KV blocks between block pools and mark scheduler handles (contract
+section 4, docs/contract.md).
 
 ``TransferEngine`` (engine.py) validates requests and routes them to the host backend (host.py,
 numpy on worker threads) or the cuda backend (cuda.py, copy streams + one reaper thread).

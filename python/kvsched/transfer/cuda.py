@@ -1,6 +1,6 @@
 """cuda backend: block copies on CUDA copy streams, completion reaped by one thread per engine.
 
-Design (SPEC section 4):
+Design (contract section 4, docs/contract.md):
 
 * **Streams.** One non-blocking stream per direction: ``h2d`` (loads), ``d2h`` (stores) and
   ``d2d``. Copies never synchronise with the legacy default stream, and loads never queue behind

@@ -1,4 +1,5 @@
-"""``TransferEngine``: moves the blocks of decided operations and marks their handles (SPEC 4).
+"""``TransferEngine``: moves the blocks of decided operations and marks their handles (contract
+section 4, docs/contract.md).
 
 The scheduler decides *when* an operation may run; the engine moves its bytes. ``submit`` checks
 everything first (the handle is decided EXECUTE, block ids are in range, the pools match, the

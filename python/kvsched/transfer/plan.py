@@ -2,7 +2,7 @@
 
 Everything that can be wrong with a request (block ids out of range, pools that do not match,
 layers out of range, a read-only destination, two sources for one destination block) is detected
-here, so a bad id never reaches a DMA engine (SPEC section 4).
+here, so a bad id never reaches a DMA engine (contract section 4, docs/contract.md).
 
 Copies are coalesced: pairs are sorted by (src, dst) and each maximal run of consecutive source
 blocks landing on consecutive destination blocks becomes one copy per layer and piece, provided
