@@ -131,3 +131,19 @@ def test_a_failed_store_ends_the_wait():
     assert lead.lookup("r2", h, 0, 9) is None
     report(lead, plan, ok=False)
     assert lead.lookup("r2", h, 0, 9) == 0
+
+
+def test_a_block_whose_hash_came_late_is_still_stored():
+    lead = OffloadLeader(16, BS)
+    h = hashes("a", 3)
+    lead.plan_stores("r1", h[:1], [0, 1, 2], 0, 2)  # block 1 full, its hash not known yet
+    assert lead.take_plan().stores[0].gpu_blocks == [0]
+    spec = lead.plan_stores("r1", h, [0, 1, 2], 2, 3)  # next step: block 1's hash is known
+    assert spec.gpu_blocks == [1, 2]
+
+
+def test_blocks_computed_before_the_first_plan_are_not_stored():
+    lead = OffloadLeader(16, BS)
+    h = hashes("a", 4)
+    spec = lead.plan_stores("r1", h, [0, 1, 2, 3], 2, 4)  # blocks 0-1 were local prefix hits
+    assert spec.gpu_blocks == [2, 3]

@@ -46,7 +46,7 @@ class _Op:
 @dataclass
 class _Request:
     lookup_start: int = 0  # block index the last lookup started from
-    store_cursor: int = 0  # blocks below this were considered for storing
+    store_cursor: int | None = None  # blocks below this were considered for storing (None: none yet)
     ops: set[int] = field(default_factory=set)  # operations not yet reported by every worker
     async_load: int | None = None  # the async load in flight, if any
     finished: bool = False
@@ -143,7 +143,7 @@ class OffloadLeader:
         r.ops.add(op_id)
         if not self.layerwise:
             r.async_load = op_id
-        r.store_cursor = max(r.store_cursor, start + n)
+        r.store_cursor = max(r.store_cursor or 0, start + n)
         spec = LoadSpec(op_id, req_id, gpu, host, self.layerwise)
         self._plan.loads.append(spec)
         self.stats["loads_planned"] += 1
@@ -160,7 +160,11 @@ class OffloadLeader:
         when every host slot is pinned the rest of the range is skipped (counted)."""
         t0 = time.thread_time()
         r = self._reqs.setdefault(req_id, _Request())
-        begin = max(first_block, r.store_cursor)
+        # From where the last plan stopped: a block whose hash came late (its last token was
+        # sampled after the step that computed it) is still stored. The first plan of a request
+        # (or after a preemption) starts at first_block: blocks computed before, such as local
+        # prefix-cache hits, are not this request's to store.
+        begin = first_block if r.store_cursor is None else r.store_cursor
         end = min(end_block, len(block_hashes), len(gpu_block_ids))
         gpu: list[int] = []
         host: list[int] = []
@@ -181,7 +185,7 @@ class OffloadLeader:
             gpu.append(int(gpu_block_ids[i]))
             host.append(slot)
             r.used[i] = key
-        r.store_cursor = max(r.store_cursor, end)
+        r.store_cursor = max(begin, end)
         spec = None
         if keys:
             op_id = new_op_id()
@@ -201,7 +205,7 @@ class OffloadLeader:
         and fence the running ones before the blocks are reused."""
         r = self._reqs.get(req_id)
         if r is not None:
-            r.store_cursor = 0
+            r.store_cursor = None
             if r.ops:
                 self._plan.preempted.append(req_id)
 
