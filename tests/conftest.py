@@ -1,7 +1,7 @@
 """Shared fixtures: every spec test runs against both implementations.
 
 ``core`` is the C++ ``kvsched.Scheduler``; it is skipped (with the reason) until it can be
-imported. ``reference`` is the pure-Python model ``kvsched.reference.ReferenceScheduler``.
+imported. ``reference`` is the pure-Python model ``kvsched.testing.ReferenceScheduler``.
 """
 
 import uuid
@@ -18,7 +18,7 @@ def _scheduler_class(name):
         except Exception as e:  # core not built yet
             pytest.skip(f"kvsched.Scheduler unavailable: {e}")
         return cls
-    from kvsched.reference import ReferenceScheduler
+    from kvsched.testing import ReferenceScheduler
 
     return ReferenceScheduler
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvsched.errors import InvalidArgumentError
-from kvsched.transfer.interop import ArrayInfo, c_contiguous_nbytes, describe_array
+from kvsched.interop import ArrayInfo, c_contiguous_nbytes, describe_array
 
 __all__ = ["BlockPool"]
 

@@ -24,7 +24,7 @@ import pytest
 
 import kvsched
 from kvsched import Decision, IterationComplete, TransferKind
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(60 if STRESS != "long" else 600)

@@ -22,7 +22,7 @@ import pytest
 
 import kvsched
 from kvsched import Decision, TransferKind
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(60 if STRESS != "long" else 600)

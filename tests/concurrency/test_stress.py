@@ -42,7 +42,7 @@ import pytest
 import kvsched
 from kvsched import IterationComplete, LayerComplete, RequestMode, TransferKind
 from kvsched.errors import KvschedError, ProtocolError, SchedulerClosedError
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 from history import (SCALE, STRESS, Event, Ledger, Progress, Recorder, check_linearizable,
                      write_report)
 

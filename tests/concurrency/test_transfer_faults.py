@@ -25,7 +25,7 @@ import pytest
 import kvsched
 from kvsched import Decision, RequestMode, TransferKind
 from kvsched.errors import KvschedError
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 from history import SCALE, STRESS, guarded, write_report
 
 pytestmark = pytest.mark.timeout(90 if STRESS != "long" else 900)

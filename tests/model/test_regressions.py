@@ -20,7 +20,7 @@ import pytest
 import kvsched
 from kvsched import Decision, IterationComplete, LayerComplete, RequestMode, TransferKind
 from kvsched.errors import DuplicateOperationError, ProtocolError
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,5 +1,5 @@
 """Differential stateful test (STYLE.md B6): Hypothesis drives the C++ ``kvsched.Scheduler`` and the
-pure-Python ``kvsched.reference.ReferenceScheduler`` side by side, one call at a time, and compares
+pure-Python ``kvsched.testing.ReferenceScheduler`` side by side, one call at a time, and compares
 after every step.
 
 Rules: create_slot, enqueue (both modes, both kinds, every uuid form), schedule (no requirement,
@@ -49,7 +49,7 @@ import kvsched
 from kvsched import (Decision, IterationComplete, LayerComplete, LayerNameComplete, RequestMode,
                      TransferKind)
 from kvsched.errors import KvschedError
-from kvsched.reference import ReferenceScheduler
+from kvsched.testing import ReferenceScheduler
 from model_helpers import FIGURES, STRESS, classify, peek, write_report
 
 # ci: ~20 s on 2 cores; long: 3000 programs of up to 150 steps take tens of minutes.

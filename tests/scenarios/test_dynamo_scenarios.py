@@ -3,7 +3,7 @@ terms (docs/reliability.md, row "Dynamo's bug history"; the rules are docs/contr
 
 Each test is named ``test_scenario_NN_short_name``; its docstring quotes the scenario and says what
 is asserted. Every test runs on both implementations (``make_scheduler`` of tests/conftest.py:
-the C++ ``kvsched.Scheduler`` and ``kvsched.reference.ReferenceScheduler``). GPU-only parts are
+the C++ ``kvsched.Scheduler`` and ``kvsched.testing.ReferenceScheduler``). GPU-only parts are
 covered in host form (numpy pools and the host backend, ``threading.Event`` in place of a CUDA
 event) and the GPU-only remainder is skipped with the reason.
 
@@ -938,7 +938,7 @@ def test_scenario_31_teardown_with_ops_in_flight():
     stderr but the expected log lines."""
     code = textwrap.dedent("""
         import threading, uuid, numpy as np, kvsched
-        from kvsched.reference import ReferenceScheduler
+        from kvsched.testing import ReferenceScheduler
         for cls in (kvsched.Scheduler, ReferenceScheduler):
             s = cls(max_inflight=2)
             w, t = s.worker, s.transfer

@@ -471,7 +471,7 @@ def test_auto_picks_host_without_gpu_and_says_why(caplog):
 
 
 def test_with_reference_scheduler(rng):
-    reference = pytest.importorskip("kvsched.reference")
+    reference = pytest.importorskip("kvsched.testing")
     from kvsched.protocol import TransferKind
 
     import uuid

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import _core
 from ..protocol import LayerComplete, TransferKind
-from ..reference import ReferenceScheduler
+from ..testing import ReferenceScheduler
 from ..scheduler import Scheduler
 from ._heap import frozen_heap
 

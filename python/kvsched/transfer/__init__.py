@@ -3,18 +3,25 @@ section 4, docs/contract.md).
 
 ``TransferEngine`` (engine.py) validates requests and routes them to the host backend (host.py,
 numpy on worker threads) or the cuda backend (cuda.py, copy streams + one reaper thread).
-``plan.py`` validates and coalesces block pairs, ``job.py`` is the per-transfer record,
-``cudart.py`` wraps cuda-python calls and pinned/device memory, ``interop.py`` reads array layouts.
+``plan.py`` validates and coalesces block pairs, ``job.py`` is the per-transfer record, ``cudart.py`` wraps cuda-python calls and
+pinned/device memory. Array layouts are read by ``kvsched.interop``, next to the pools that use it.
 
-Attributes are loaded lazily (PEP 562): ``import kvsched.transfer`` imports neither numpy-heavy
-modules nor cuda-python, and ``kvsched.pool`` can use ``kvsched.transfer.interop`` without an
-import cycle.
+Importing this package never imports cuda-python: the cuda modules load it on first use.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvsched.transfer.cuda import CudaBackend
+from kvsched.transfer.cudart import DeviceBuffer, cuda_available, pin_array, pinned_empty, pinned_zeros
+from kvsched.transfer.engine import TransferEngine
+from kvsched.transfer.errors import (
+    CudaError,
+    TransferEngineClosedError,
+    TransferError,
+    TransferQueueFullError,
+)
+from kvsched.transfer.host import HostBackend
+from kvsched.transfer.job import TransferJob
 
 __all__ = [
     "TransferEngine",
@@ -31,32 +38,3 @@ __all__ = [
     "pin_array",
     "DeviceBuffer",
 ]
-
-_WHERE = {
-    "TransferEngine": "engine",
-    "TransferJob": "job",
-    "HostBackend": "host",
-    "CudaBackend": "cuda",
-    "TransferError": "errors",
-    "TransferQueueFullError": "errors",
-    "TransferEngineClosedError": "errors",
-    "CudaError": "errors",
-    "cuda_available": "cudart",
-    "pinned_empty": "cudart",
-    "pinned_zeros": "cudart",
-    "pin_array": "cudart",
-    "DeviceBuffer": "cudart",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvsched.transfer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"kvsched.transfer.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
