@@ -26,8 +26,9 @@ every request that stores in that step (one submit per layer and step). A reques
 are reported, and the request released, when every step batch holding them ended. Stores are
 never cancelled (a batch is shared; it runs within the step's forward pass anyway): an aborted
 request waits for them to drain, a preempted one is fenced until they ended. Loads are per
-request (one operation, or one per layer in layerwise mode) in the request's slot and are
-cancelled on abort or preemption.
+request in async mode (one operation in the request's slot, cancelled on abort or preemption)
+and, in layerwise mode, shared per layer by the step's loads like stores (they run within the
+step; layer k's forward waits for layer k's job).
 
 Layer marks follow kvsched's S7 (each the next index); a hook that skips layers is covered by
 marking the ones in between, and ``end_step`` marks the whole iteration (S2).
@@ -90,7 +91,7 @@ class _Op:
         self.events = events  # stores: the iteration's per-layer compute events (GPU)
         self.submitted = 0
         self.t0 = time.perf_counter()
-        self.specs: list[StoreSpec] = []  # a step's store batch: the requests' stores it carries
+        self.specs: list[Any] = []  # a batch: the requests' StoreSpecs (or layerwise LoadSpecs) it carries
 
 
 class OffloadWorker:
@@ -269,19 +270,36 @@ class OffloadWorker:
         t0 = time.thread_time()
         w, t, L = self.scheduler.worker, self.scheduler.transfer, self.num_layers
         loads, self._step_loads = self._step_loads, []
-        for spec in loads:
-            slot = self._slot(spec.req_id)
-            layers: list[int | None] = list(range(L)) if spec.layerwise else [None]
-            op = _Op(spec.op_id, 0, spec.req_id, slot, spec.gpu_blocks, spec.host_blocks, layers,
-                     spec.layerwise, [wait_event] if wait_event is not None else None)
-            uuids = [layer_uuid(spec.op_id, k) for k in range(len(layers))]
+        events = [wait_event] if wait_event is not None else None
+        layerwise = [spec for spec in loads if spec.layerwise]
+        if layerwise:  # one operation per layer for all of them, in the step's load slot
+            slot = f"\x02load{self._iteration}"
+            if slot not in self._slot_ops:
+                w.create_slot(slot)
+                self._slot_ops[slot] = []
+            op = _Op(layerwise[0].op_id, 0, slot, slot, [b for sp in layerwise for b in sp.gpu_blocks],
+                     [b for sp in layerwise for b in sp.host_blocks], list(range(L)), True, events)
+            op.specs = layerwise
+            uuids = [layer_uuid(op.op_id, k) for k in range(L)]
             w.enqueue_many(slot, uuids, TransferKind.LOAD)
             self._slot_ops[slot].append(op)
             for k, h in enumerate(t.schedule_many(slot, uuids)):
                 op.handles[k] = h
                 self._ops[uuids[k]] = (op, k)
+            self._layer_loads.append(op)
+            for sp in layerwise:
+                self._rid_batches.setdefault(sp.req_id, set()).add(slot)
+            self.stats["loads"] += len(layerwise)
+        for spec in loads:
             if spec.layerwise:
-                self._layer_loads.append(op)
+                continue
+            slot = self._slot(spec.req_id)
+            op = _Op(spec.op_id, 0, spec.req_id, slot, spec.gpu_blocks, spec.host_blocks, [None], False, events)
+            u = layer_uuid(spec.op_id, 0)
+            w.enqueue(slot, u, TransferKind.LOAD)
+            self._slot_ops[slot].append(op)
+            op.handles[0] = t.schedule(slot, u)
+            self._ops[u] = (op, 0)
             self.stats["loads"] += 1
         self._dispatch()
         self.cpu_s += time.thread_time() - t0
@@ -481,7 +499,7 @@ class OffloadWorker:
             self._end_op(op, failed_uuids)
         del self._slot_ops[slot]
         self.scheduler.worker.remove_slot(slot)
-        if slot.startswith("\x01"):  # a step's store batch
+        if slot[0] in "\x01\x02":  # a step's store or layerwise-load batch
             for op in ops:
                 for spec in op.specs:
                     batches = self._rid_batches.get(spec.req_id)
