@@ -1,242 +1,17 @@
-// Implementation of the scheduler. The "Note [...]" references point to docs/design.md.
+// The life of one operation: its two halves join (enqueue, schedule, batches of either), its
+// requirement gates it, a token admits it, it is decided once (EXECUTE or CANCEL), it ends once
+// (mark_complete, a drop, a cancel) and is counted into its slot. The "Note [...]" references
+// point to docs/design.md; the slot-side calls are in scheduler_slots.cpp, construction, close,
+// deadlines and statistics in scheduler_admin.cpp.
 #include "scheduler.hpp"
-
-#include <unistd.h>
 
 #include <algorithm>
 
+#include "scheduler_detail.hpp"
+
 namespace kvsched::core {
-namespace {
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
-      .count();
-}
-
-std::string who(const std::string& rid, const Uuid* uuid) {
-  std::string s = "request '" + cut_text(rid, kMaxQuotedBytes) + "'";
-  if (uuid) s += " op " + uuid->str();
-  return s;
-}
-
-[[noreturn]] void fail(ErrorCode code, const std::string& rid, const Uuid* uuid,
-                       const std::string& what) {
-  throw Error(code, who(rid, uuid) + ": " + what);
-}
-
-const char* mode_name(Mode m) { return m == Mode::kScheduled ? "SCHEDULED" : "IMMEDIATE"; }
-
-// S1: the second half of an operation must name the request id and mode its first half named.
-// `first` and `second` name the sides ("worker", "transfer") for the message.
-void check_halves_agree(const Op& op, const std::string& rid, const Uuid& uuid, Mode mode,
-                        const char* first, const char* second) {
-  if (op.rid != rid)
-    fail(ErrorCode::kProtocol, rid, &uuid,
-         std::string("halves disagree on the request id (") + first + " half says '" + op.rid +
-             "')");
-  if (op.mode != mode)
-    fail(ErrorCode::kProtocol, rid, &uuid,
-         std::string("halves disagree on the mode (") + first + " half is " + mode_name(op.mode) +
-             ", " + second + " half " + mode_name(mode) + ")");
-}
-
-void bump(Atomic<uint64_t>& c) {
-  // order: relaxed — statistic only; never read to make a decision.
-  c.fetch_add(1, std::memory_order_relaxed);
-}
-
-}  // namespace
-
-Scheduler::Scheduler(const Config& config)
-    : config_(config),
-      progress_(config.num_layers),
-      tokens_(config.max_inflight),
-      ready_(config.store_starvation_ns),
-      poll_queue_(config.poll_backlog),
-      shards_(std::max<size_t>(1, config.join_shards)),
-      stripes_(64),
-      removed_(config.removed_memory) {
-  if (config.max_inflight < 1) throw Error(ErrorCode::kInvalidArgument, "max_inflight must be >= 1");
-  if ((shards_.size() & (shards_.size() - 1)) != 0)
-    throw Error(ErrorCode::kInvalidArgument, "join_shards must be a power of two");
-  for (auto& sh : shards_) sh.map.reserve(64);
-  if (config_.op_timeout_ns > 0) deadline_thread_ = std::thread([this] { deadline_loop(); });
-}
-
-Scheduler::~Scheduler() {
-  close();
-  // Break the Slot -> Op -> Slot reference cycles of slots that were never removed.
-  std::unique_lock<SharedMutex> lock(slots_mu_);
-  for (auto& kv : slots_) {
-    std::lock_guard<Mutex> slot_lock(kv.second->mu);
-    kv.second->ops.clear();
-  }
-  slots_.clear();
-}
-
-// ------------------------------------------------------------------------------------------------
-// helpers
-
-void Scheduler::check_not_inherited() const {
-  if (inherited())
-    throw Error(ErrorCode::kForked,
-                "this scheduler was created in process " + std::to_string(creator_pid_) +
-                    " and inherited by fork() into process " +
-                    std::to_string(static_cast<long>(getpid())) +
-                    "; a forked child cannot use it (its threads and locks stay in the parent). "
-                    "Create a new Scheduler in the child");
-}
-
-void Scheduler::check_open(const std::string& rid, const Uuid* uuid) const {
-  check_not_inherited();
-  // order: acquire — pairs with the exchange in close(); see the re-check in schedule().
-  if (closed_.load(std::memory_order_acquire))
-    fail(ErrorCode::kClosed, rid, uuid, "the scheduler is closed");
-}
-
-void Scheduler::check_open_worker_call() const {
-  check_not_inherited();
-  // order: acquire — as check_open().
-  if (closed_.load(std::memory_order_acquire))
-    throw Error(ErrorCode::kClosed, "the scheduler is closed");
-}
-
-void Scheduler::check_distinct(const std::string& rid, const std::vector<Uuid>& uuids) {
-  if (uuids.size() < 2) return;
-  if (uuids.size() <= 16) {  // engines batch a few ops per request: compare pairs, no copy
-    for (size_t i = 1; i < uuids.size(); ++i)
-      for (size_t j = 0; j < i; ++j)
-        if (uuids[i] == uuids[j])
-          fail(ErrorCode::kDuplicate, rid, &uuids[i],
-               "the uuid appears twice in one batch; nothing applied");
-    return;
-  }
-  std::vector<Uuid> sorted(uuids);
-  auto less = [](const Uuid& a, const Uuid& b) { return a.hi != b.hi ? a.hi < b.hi : a.lo < b.lo; };
-  std::sort(sorted.begin(), sorted.end(), less);
-  auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-  if (dup != sorted.end())
-    fail(ErrorCode::kDuplicate, rid, &*dup, "the uuid appears twice in one batch; nothing applied");
-}
-
-std::vector<Scheduler::Shard*> Scheduler::lock_order(const std::vector<Uuid>& uuids) {
-  // Several shard locks are taken in address order (the shards live in one vector, so that is
-  // index order): two batch calls can never wait for each other in a cycle.
-  std::vector<Shard*> order;
-  order.reserve(uuids.size());
-  for (const Uuid& u : uuids) order.push_back(&shard(u));
-  std::sort(order.begin(), order.end());
-  order.erase(std::unique(order.begin(), order.end()), order.end());
-  return order;
-}
-
-void Scheduler::hold_locked(const OpPtr& op, std::vector<OpPtr>* evicted) {
-  held_cancels_.push_back(op);
-  while (held_cancels_.size() > std::max<size_t>(1, config_.removed_memory)) {
-    evicted->push_back(std::move(held_cancels_.front()));
-    held_cancels_.pop_front();
-  }
-}
-
-void Scheduler::hold_decided_halves(const std::vector<OpPtr>& ops) {
-  // Transfer halves decided CANCEL while no worker half had come (their rid was cancelled, or
-  // they timed out): they stay in the join table so that a late worker half joins and counts
-  // them, but only up to the held bound; no longer in pending_by_rid_, which would keep them for
-  // ever when the request never gets a slot.
-  std::vector<OpPtr> evicted;
-  {
-    std::lock_guard<Mutex> lock(rid_mu_);
-    for (auto& op : ops) {
-      auto it = pending_by_rid_.find(op->rid);
-      if (it != pending_by_rid_.end()) {
-        auto& v = it->second;
-        v.erase(std::remove(v.begin(), v.end(), op), v.end());
-        if (v.empty()) pending_by_rid_.erase(it);
-      }
-      hold_locked(op, &evicted);
-    }
-  }
-  if (!evicted.empty()) forget_held_cancels(std::move(evicted));
-}
-
-bool Scheduler::closed() const {
-  // order: acquire — pairs with the exchange in close().
-  return closed_.load(std::memory_order_acquire);
-}
-
-SlotPtr Scheduler::find_slot(const std::string& rid) const {
-  std::shared_lock<SharedMutex> lock(slots_mu_);
-  auto it = slots_.find(rid);
-  return it == slots_.end() ? nullptr : it->second;
-}
-
-bool Scheduler::rid_cancelled_locked(const std::string& rid) const {
-  return !cancelled_rids_.empty() && cancelled_rids_.count(rid) != 0;
-}
-
-void Scheduler::remember_cancelled_rid_locked(const std::string& rid) {
-  auto it = cancelled_rids_.find(rid);
-  if (it != cancelled_rids_.end()) {
-    // Cancelled again: it becomes the most recent (splice keeps the map's iterator valid).
-    cancelled_order_.splice(cancelled_order_.end(), cancelled_order_, it->second);
-    return;
-  }
-  cancelled_order_.push_back(rid);
-  cancelled_rids_.emplace(rid, std::prev(cancelled_order_.end()));
-  while (cancelled_order_.size() > std::max<size_t>(1, config_.removed_memory)) {
-    cancelled_rids_.erase(cancelled_order_.front());
-    cancelled_order_.pop_front();
-  }
-}
-
-void Scheduler::forget_held_cancels(std::vector<OpPtr> evicted) {
-  // Takes shard locks, so it runs with no lock held (the lock order is shard -> rid_mu_, and the
-  // caller found these under rid_mu_). A held cancel whose worker half has joined meanwhile
-  // belongs to a slot now and leaves the table with that slot.
-  for (auto& op : evicted) {
-    Shard& sh = shard(op->uuid);
-    std::lock_guard<Mutex> lock(sh.mu);
-    auto it = sh.map.find(op->uuid);
-    // order: relaxed — worker claims are made only under this shard lock (held).
-    if (it != sh.map.end() && it->second == op &&
-        (op->halves.load(std::memory_order_relaxed) & Op::kWorkerClaimed) == 0) {
-      sh.map.erase(it);
-      bump(counters_.held_forgotten);
-    }
-  }
-}
-
-void Scheduler::note_inflight() {
-  const uint64_t now = static_cast<uint64_t>(tokens_.in_use());
-  // order: relaxed — statistic only (a high-water mark checked by tests against max_inflight).
-  uint64_t peak = counters_.peak_inflight.load(std::memory_order_relaxed);
-  while (now > peak && !counters_.peak_inflight.compare_exchange_weak(
-                           peak, now, std::memory_order_relaxed, std::memory_order_relaxed)) {
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// worker side
-
-void Scheduler::create_slot(const std::string& rid) {
-  check_open(rid, nullptr);
-  {
-    std::unique_lock<SharedMutex> lock(slots_mu_);
-    if (slots_.count(rid)) fail(ErrorCode::kSlotExists, rid, nullptr, "slot already exists");
-    slots_.emplace(rid, std::make_shared<Slot>(rid));
-  }
-  {
-    // A new incarnation of the rid starts clean: it is no longer cancelled. (Its held cancels
-    // stay: worker halves of this slot may still join them.)
-    std::lock_guard<Mutex> lock(rid_mu_);
-    auto it = cancelled_rids_.find(rid);
-    if (it != cancelled_rids_.end()) {
-      cancelled_order_.erase(it->second);
-      cancelled_rids_.erase(it);
-    }
-  }
-  bump(counters_.slots_created);
-}
+using namespace detail;
 
 OpPtr Scheduler::enqueue_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid,
                                       Mode mode) {
@@ -282,9 +57,7 @@ void Scheduler::enqueue_finish(const EnqueueClaim& claim, Mode mode, bool cancel
   const OpPtr& op = claim.op;
   bump(counters_.enqueued);
   if (claim.created && mode == Mode::kScheduled && config_.op_timeout_ns > 0) {
-    std::lock_guard<Mutex> lock(deadline_mu_);
-    deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
-    deadline_cv_.notify_one();
+    deadlines_.add(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
   }
   // order: acq_rel — release publishes kind/slot written above to the transfer half's publish;
   // acquire makes the transfer half's `requirement` visible when it published first (the join).
@@ -312,7 +85,7 @@ void Scheduler::enqueue(const std::string& rid, const Uuid& uuid, Kind kind, Mod
   {
     std::lock_guard<Mutex> slot_lock(slot->mu);
     if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuid, "no slot (it was removed)");
-    Shard& sh = shard(uuid);
+    Shard& sh = table_.shard(uuid);
     std::lock_guard<Mutex> shard_lock(sh.mu);
     OpPtr existing = enqueue_check_locked(sh, rid, uuid, mode);
     claim = enqueue_claim_locked(sh, slot, std::move(existing), rid, uuid, kind, mode);
@@ -334,188 +107,20 @@ void Scheduler::enqueue_many(const std::string& rid, const std::vector<Uuid>& uu
   {
     std::lock_guard<Mutex> slot_lock(slot->mu);
     if (slot->removed) fail(ErrorCode::kUnknownSlot, rid, &uuids[0], "no slot (it was removed)");
-    const std::vector<Shard*> order = lock_order(uuids);
+    const std::vector<Shard*> order = table_.lock_order(uuids);
     std::vector<std::unique_lock<Mutex>> shard_locks;
     shard_locks.reserve(order.size());
     for (Shard* sh : order) shard_locks.emplace_back(sh->mu);
     // Every element is checked before any is applied: a refusal changes nothing (S8). The
     // check leaves each element's existing op (or none) in its claim; the apply fills the rest.
-    for (const Uuid& u : uuids) claims.push_back({enqueue_check_locked(shard(u), rid, u, mode)});
+    for (const Uuid& u : uuids) claims.push_back({enqueue_check_locked(table_.shard(u), rid, u, mode)});
     for (size_t i = 0; i < uuids.size(); ++i)
-      claims[i] = enqueue_claim_locked(shard(uuids[i]), slot, std::move(claims[i].op), rid,
+      claims[i] = enqueue_claim_locked(table_.shard(uuids[i]), slot, std::move(claims[i].op), rid,
                                        uuids[i], kind, mode);
     cancel_now = slot->cancelled && mode == Mode::kScheduled;
   }
   for (auto& c : claims) enqueue_finish(c, mode, cancel_now);
 }
-
-uint64_t Scheduler::start_next_iteration() {
-  check_open_worker_call();
-  const uint64_t it = progress_.start_next_iteration();
-  release_gated(progress_.load());
-  return it;
-}
-
-void Scheduler::mark_layer_complete(uint64_t layer) {
-  check_open_worker_call();
-  release_gated(progress_.mark_layer_complete(layer));
-}
-
-void Scheduler::mark_iteration_complete() {
-  check_open_worker_call();
-  release_gated(progress_.mark_iteration_complete());
-}
-
-bool Scheduler::is_complete(const std::string& rid) const {
-  check_open(rid, nullptr);
-  SlotPtr slot = find_slot(rid);
-  if (!slot) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
-  return slot->is_complete();
-}
-
-std::vector<std::string> Scheduler::take_finished() {
-  check_open_worker_call();
-  std::vector<SlotPtr> batch;
-  {
-    std::lock_guard<Mutex> lock(finished_mu_);
-    batch.swap(finished_);
-  }
-  std::vector<std::string> out;
-  out.reserve(batch.size());
-  for (auto& slot : batch) {
-    std::lock_guard<Mutex> lock(slot->mu);
-    if (!slot->removed) out.push_back(slot->rid);
-  }
-  return out;
-}
-
-SlotSnapshot Scheduler::slot_status(const std::string& rid) const {
-  check_open(rid, nullptr);
-  SlotPtr slot = find_slot(rid);
-  if (!slot) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
-  SlotSnapshot s;
-  std::lock_guard<Mutex> lock(slot->mu);
-  // order: relaxed — read under slot->mu; the counters are a snapshot. (is_complete() is the
-  // exact test; the acquire on `open` orders the counters for it.)
-  const bool complete = slot->is_complete();
-  s.expected = slot->expected.load(std::memory_order_relaxed);
-  s.completed = slot->completed.load(std::memory_order_relaxed);
-  s.failed = slot->failed.load(std::memory_order_relaxed);
-  s.cancelled = slot->cancelled_ops.load(std::memory_order_relaxed);
-  (void)complete;
-  s.errors = slot->errors;
-  return s;
-}
-
-void Scheduler::cancel_slot(const std::string& rid) {
-  check_open(rid, nullptr);
-  std::vector<OpPtr> victims;
-  {
-    std::lock_guard<Mutex> lock(rid_mu_);
-    remember_cancelled_rid_locked(rid);
-    auto it = pending_by_rid_.find(rid);
-    if (it != pending_by_rid_.end()) {
-      victims = std::move(it->second);
-      pending_by_rid_.erase(it);
-    }
-  }
-  const size_t pending_victims = victims.size();
-  if (SlotPtr slot = find_slot(rid)) {
-    std::lock_guard<Mutex> lock(slot->mu);
-    slot->cancelled = true;
-    for (auto& op : slot->ops)
-      if (op->mode == Mode::kScheduled && op->load_decision() == Decision::kNone)
-        victims.push_back(op);
-  }
-  // Decide outside every lock: decide() may end the op and count it into its slot.
-  for (auto& op : victims)
-    if (op->mode == Mode::kScheduled) decide(op, Decision::kCancel);
-  // The waiting transfer halves without a worker half are held (bounded), not kept for ever.
-  std::vector<OpPtr> lone;
-  for (size_t i = 0; i < pending_victims; ++i) {
-    // order: acquire — pairs with the publish fetch_ors (a joined op belongs to a slot).
-    if ((victims[i]->halves.load(std::memory_order_acquire) & Op::kWorkerPublished) == 0)
-      lone.push_back(victims[i]);
-  }
-  if (!lone.empty()) hold_decided_halves(lone);
-}
-
-void Scheduler::remove_slot(const std::string& rid) {
-  check_open(rid, nullptr);
-  std::vector<OpPtr> ops;
-  {
-    std::unique_lock<SharedMutex> table_lock(slots_mu_);
-    auto it = slots_.find(rid);
-    if (it == slots_.end()) fail(ErrorCode::kUnknownSlot, rid, nullptr, "no slot");
-    SlotPtr slot = it->second;
-    std::lock_guard<Mutex> slot_lock(slot->mu);
-    if (!slot->is_complete()) {
-      const Uuid* first_open = nullptr;
-      for (auto& op : slot->ops) {
-        // order: acquire — pairs with end_op()'s acq_rel fetch_or on `counted`.
-        if ((op->counted.load(std::memory_order_acquire) & Op::kEnded) == 0) {
-          first_open = &op->uuid;
-          break;
-        }
-      }
-      // order: relaxed — message only.
-      fail(ErrorCode::kSlotBusy, rid, first_open,
-           std::to_string(slot->open.load(std::memory_order_relaxed)) +
-               " operation(s) not ended; the slot can be removed once is_complete() is true");
-    }
-    slot->removed = true;
-    ops.swap(slot->ops);  // also breaks the Slot -> Op -> Slot cycle
-    slots_.erase(it);
-  }
-  bump(counters_.slots_removed);
-  remember_removed(ops);
-  {
-    // Forget transfer halves of this rid that joined or ended; keep waiting ones (they may
-    // belong to the next slot of the same rid, docs/semantics.md).
-    std::lock_guard<Mutex> lock(rid_mu_);
-    auto it = pending_by_rid_.find(rid);
-    if (it != pending_by_rid_.end()) {
-      auto& v = it->second;
-      v.erase(std::remove_if(v.begin(), v.end(),
-                             [](const OpPtr& op) {
-                               // order: acquire — pairs with the publish fetch_ors.
-                               return (op->halves.load(std::memory_order_acquire) &
-                                       Op::kWorkerPublished) ||
-                                      op->load_decision() != Decision::kNone;
-                             }),
-              v.end());
-      if (v.empty()) pending_by_rid_.erase(it);
-    }
-  }
-}
-
-bool Scheduler::is_removed_uuid(const Uuid& uuid) {
-  std::lock_guard<Mutex> lock(removed_mu_);
-  return removed_.contains(uuid);
-}
-
-void Scheduler::remember_removed(const std::vector<OpPtr>& ops) {
-  // First remember, then leave the join table. A half looking the uuid up in between still
-  // finds the ended op and gets what the removed-uuid memory would give it (a duplicate for the
-  // worker side, CANCEL for a transfer half that never came): at no moment is the uuid missing
-  // from both places.
-  size_t forgotten = 0;
-  {
-    std::lock_guard<Mutex> lock(removed_mu_);
-    for (auto& op : ops) forgotten += removed_.add(op->uuid);
-  }
-  // order: relaxed — statistic only.
-  if (forgotten) counters_.removed_forgotten.fetch_add(forgotten, std::memory_order_relaxed);
-  for (auto& op : ops) {
-    Shard& sh = shard(op->uuid);
-    std::lock_guard<Mutex> lock(sh.mu);
-    auto it = sh.map.find(op->uuid);
-    if (it != sh.map.end() && it->second == op) sh.map.erase(it);
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// transfer side
 
 OpPtr Scheduler::standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode) {
   auto op = std::make_shared<Op>(uuid, rid, mode);
@@ -567,12 +172,12 @@ Scheduler::ScheduleClaim Scheduler::schedule_claim_locked(Shard& sh, OpPtr exist
     c.late = true;
     return c;
   }
-  // rid_mu_ is held (caller) under the shard lock: "is the rid cancelled?" and "register as
+  // The rid registry's lock is held (caller) under the shard lock: "is the rid cancelled?" and "register as
   // pending" must be one step against cancel_slot(), or a half could slip between its two steps.
   auto op = std::make_shared<Op>(uuid, rid, mode);
   // order: relaxed (all stores here) — the op is published by the shard lock.
   op->halves.store(Op::kTransferClaimed, std::memory_order_relaxed);
-  c.held_cancel = mode == Mode::kScheduled && rid_cancelled_locked(rid);
+  c.held_cancel = mode == Mode::kScheduled && rids_.is_cancelled_locked(rid);
   if (c.held_cancel) {
     // S6: decided CANCEL at once, and held in the join table (decided and ended before it is
     // shared) so that a worker half of a later slot of this rid joins it and counts it
@@ -587,9 +192,9 @@ Scheduler::ScheduleClaim Scheduler::schedule_claim_locked(Shard& sh, OpPtr exist
   (void)inserted;  // the check under this lock found no entry
   try {
     if (c.held_cancel) {
-      hold_locked(op, evicted_held);
+      rids_.hold_locked(op, evicted_held);
     } else if (mode == Mode::kScheduled) {
-      pending_by_rid_[rid].push_back(op);
+      rids_.add_pending_locked(rid, op);
     }
   } catch (...) {
     sh.map.erase(entry);
@@ -616,9 +221,7 @@ OpPtr Scheduler::schedule_finish(ScheduleClaim& claim, const std::string& rid, c
     op->delivered.store(true, std::memory_order_relaxed);
     decide(op, Decision::kExecute);
   } else if (claim.created && !claim.held_cancel && config_.op_timeout_ns > 0) {
-    std::lock_guard<Mutex> lock(deadline_mu_);
-    deadlines_.emplace_back(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
-    deadline_cv_.notify_one();
+    deadlines_.add(Clock::now() + std::chrono::nanoseconds(config_.op_timeout_ns), op);
   }
   // order: seq_cst — acq_rel: release publishes `requirement` to the worker half; acquire makes
   // the worker half's kind/slot visible when it published first (then this thread performs the
@@ -642,14 +245,14 @@ OpPtr Scheduler::schedule(const std::string& rid, const Uuid& uuid, uint64_t req
   ScheduleClaim claim;
   std::vector<OpPtr> evicted_held;
   {
-    Shard& sh = shard(uuid);
+    Shard& sh = table_.shard(uuid);
     std::lock_guard<Mutex> shard_lock(sh.mu);
     bool late = false;
     OpPtr existing = schedule_check_locked(sh, rid, uuid, mode, &late);
     if (existing || late) {
       claim = schedule_claim_locked(sh, std::move(existing), late, rid, uuid, mode, &evicted_held);
     } else {
-      std::lock_guard<Mutex> rid_lock(rid_mu_);
+      auto rid_lock = rids_.lock();
       claim = schedule_claim_locked(sh, nullptr, false, rid, uuid, mode, &evicted_held);
     }
   }
@@ -669,7 +272,7 @@ std::vector<OpPtr> Scheduler::schedule_many(const std::string& rid,
   out.reserve(uuids.size());
   std::vector<OpPtr> evicted_held;
   {
-    const std::vector<Shard*> order = lock_order(uuids);
+    const std::vector<Shard*> order = table_.lock_order(uuids);
     std::vector<std::unique_lock<Mutex>> shard_locks;
     shard_locks.reserve(order.size());
     for (Shard* sh : order) shard_locks.emplace_back(sh->mu);
@@ -677,12 +280,12 @@ std::vector<OpPtr> Scheduler::schedule_many(const std::string& rid,
     // check leaves each element's existing op and lateness in its claim; the apply fills the rest.
     for (const Uuid& u : uuids) {
       ScheduleClaim c;
-      c.op = schedule_check_locked(shard(u), rid, u, mode, &c.late);
+      c.op = schedule_check_locked(table_.shard(u), rid, u, mode, &c.late);
       claims.push_back(std::move(c));
     }
-    std::lock_guard<Mutex> rid_lock(rid_mu_);  // lock order: shards -> rid_mu_
+    auto rid_lock = rids_.lock();  // lock order: shards -> rid registry
     for (size_t i = 0; i < uuids.size(); ++i)
-      claims[i] = schedule_claim_locked(shard(uuids[i]), std::move(claims[i].op), claims[i].late,
+      claims[i] = schedule_claim_locked(table_.shard(uuids[i]), std::move(claims[i].op), claims[i].late,
                                         rid, uuids[i], mode, &evicted_held);
   }
   if (!evicted_held.empty()) forget_held_cancels(std::move(evicted_held));
@@ -776,7 +379,7 @@ bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
       gate_.erase(op);
     end_op(op, Outcome::kCancelled, std::move(error));
   }
-  notify_waiters(*op);
+  waiters_.notify(*op);
   notify_watcher(*op);
   // Only ops whose transfer half exists go to poll(): a worker half decided alone (cancelled or
   // timed out before its transfer half came) has no handle yet; schedule() pushes it when the
@@ -829,86 +432,13 @@ void Scheduler::count_into_slot(const OpPtr& op) {
   }
   // order: acq_rel — release publishes the counters and errors above to is_complete()'s acquire;
   // acquire chains the earlier decrements so the thread that reaches zero saw them all.
-  if (slot.open.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-    std::lock_guard<Mutex> lock(finished_mu_);
-    finished_.push_back(op->slot);
-    // An engine that tracks completion with is_complete() and never calls take_finished() must
-    // not make this queue grow for ever: past a threshold, drop the slots removed since (their
-    // entries would be skipped by take_finished anyway). Amortised O(1) per push.
-    if (finished_.size() >= finished_compact_at_) {
-      finished_.erase(std::remove_if(finished_.begin(), finished_.end(),
-                                     [](const SlotPtr& s) {
-                                       std::lock_guard<Mutex> slot_lock(s->mu);
-                                       return s->removed;
-                                     }),
-                      finished_.end());
-      finished_compact_at_ = std::max<size_t>(1024, 2 * finished_.size());
-    }
-  }
-}
-
-Scheduler::WaitStripe& Scheduler::stripe_for(const Op* op) {
-  // Ops are 16-byte aligned and std::hash of a pointer is the identity in libstdc++: mix the
-  // address so all stripes are used (found by the deterministic-schedule harness).
-  uint64_t x = reinterpret_cast<uintptr_t>(op) >> 4;
-  x *= 0x9e3779b97f4a7c15ULL;
-  return stripes_[(x >> 32) % stripes_.size()];
-}
-
-void Scheduler::notify_waiters(const Op& op) {
-  // order: seq_cst — Note [waiter handshake]: after the seq_cst decision CAS, either we see the
-  // waiter's increment, or the waiter's predicate check sees our decision.
-  if (op.waiters.load(std::memory_order_seq_cst) == 0) return;
-  WaitStripe& s = stripe_for(&op);
-  { std::lock_guard<Mutex> lock(s.mu); }  // a waiter between its check and its sleep holds s.mu
-  s.cv.notify_all();
-}
-
-Scheduler::WatchResult Scheduler::watch(const OpPtr& op,
-                                         const std::shared_ptr<AsyncNotifier>& notifier,
-                                         uint64_t token) {
-  check_not_inherited();
-  uint8_t none = Op::kWatchNone;
-  // order: acq_rel — claims the right to write notifier/watch_token (once per op).
-  if (!op->watch_state.compare_exchange_strong(none, Op::kWatchWriting, std::memory_order_acq_rel))
-    return op->load_decision() != Decision::kNone ? WatchResult::kDecided : WatchResult::kBusy;
-  op->notifier = notifier;
-  op->watch_token = token;
-  // order: seq_cst — Note [watch handshake] (docs/design.md): this store, then the decision
-  // load below; decide() makes its decision CAS, then loads watch_state (notify_watcher). In the
-  // single total order of seq_cst operations one of the two loads sees the other side's write:
-  // either decide() posts the token, or we see the decision and report kDecided (both may
-  // happen: a token can arrive twice).
-  op->watch_state.store(Op::kWatchSet, std::memory_order_seq_cst);
-  if (op->decision.load(std::memory_order_seq_cst) != static_cast<uint8_t>(Decision::kNone))
-    return WatchResult::kDecided;
-  return WatchResult::kWatching;
-}
-
-void Scheduler::notify_watcher(const Op& op) {
-  // order: seq_cst — Note [watch handshake]; the acquire part also makes notifier/watch_token,
-  // written before the kWatchSet store, visible here.
-  if (op.watch_state.load(std::memory_order_seq_cst) != Op::kWatchSet) return;
-  op.notifier->post(op.watch_token);
+  if (slot.open.fetch_sub(1, std::memory_order_acq_rel) == 1) finished_.push(op->slot);
 }
 
 Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
   Decision d = op->load_decision();
   if (d != Decision::kNone || closed()) return d;
-  // order: seq_cst — Note [waiter handshake].
-  op->waiters.fetch_add(1, std::memory_order_seq_cst);
-  WaitStripe& s = stripe_for(op.get());
-  {
-    std::unique_lock<Mutex> lock(s.mu);
-    s.cv.wait_until(lock, deadline, [&] {
-      // order: seq_cst — Note [waiter handshake].
-      return op->decision.load(std::memory_order_seq_cst) !=
-                 static_cast<uint8_t>(Decision::kNone) ||
-             closed();
-    });
-  }
-  // order: relaxed — only a hint for notify_waiters(); a stale non-zero costs one notify.
-  op->waiters.fetch_sub(1, std::memory_order_relaxed);
+  waiters_.wait(op, deadline, [this] { return closed(); });
   return op->load_decision();
 }
 
@@ -1026,135 +556,6 @@ void Scheduler::push_poll(const OpPtr& op) {
     bump(counters_.backlog_evicted);
     on_handle_dropped(evicted, /*evicted_from_backlog=*/true);
   }
-}
-
-// ------------------------------------------------------------------------------------------------
-// deadlines, close, stats
-
-void Scheduler::deadline_loop() {
-  std::unique_lock<Mutex> lock(deadline_mu_);
-  while (!deadline_stop_) {
-    if (deadlines_.empty()) {
-      deadline_cv_.wait(lock);
-      continue;
-    }
-    auto [when, op] = deadlines_.front();
-    if (Clock::now() < when) {
-      deadline_cv_.wait_until(lock, when);
-      continue;
-    }
-    deadlines_.pop_front();
-    lock.unlock();
-    // order: relaxed — advisory exemption, see make_ready().
-    if (op->load_decision() == Decision::kNone &&
-        !op->waiting_token.load(std::memory_order_relaxed)) {
-      // order: acquire — pairs with the publish fetch_ors; reports which half is missing.
-      const uint8_t h = op->halves.load(std::memory_order_acquire);
-      const char* why = !(h & Op::kWorkerPublished)   ? "its worker half never arrived"
-                        : !(h & Op::kTransferPublished) ? "its transfer half never arrived"
-                                                        : "its requirement never held";
-      const double secs = static_cast<double>(config_.op_timeout_ns) / 1e9;
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%g", secs);
-      if (decide(op, Decision::kCancel,
-                 "timed out after " + std::string(buf) + " s undecided (" + why + ")")) {
-        bump(counters_.timed_out);
-        // A transfer half whose worker half never came is held (bounded) for a late worker half.
-        if (!(h & Op::kWorkerPublished)) hold_decided_halves({op});
-      }
-    }
-    lock.lock();
-  }
-}
-
-void Scheduler::close() {
-  // order: acq_rel — publishes the closed state to check_open()/closed() readers; see the
-  // re-checks after insertion in schedule()/enqueue() for why no op can slip past the scan.
-  if (closed_.exchange(true, std::memory_order_acq_rel)) return;
-  std::vector<OpPtr> live;
-  for (auto& sh : shards_) {
-    std::lock_guard<Mutex> lock(sh.mu);
-    for (auto& kv : sh.map) live.push_back(kv.second);
-  }
-  for (auto& op : live) decide(op, Decision::kCancel);
-  {
-    std::lock_guard<Mutex> lock(deadline_mu_);
-    deadline_stop_ = true;
-    deadlines_.clear();
-  }
-  deadline_cv_.notify_all();
-  if (deadline_thread_.joinable() && deadline_thread_.get_id() != std::this_thread::get_id())
-    deadline_thread_.join();
-  poll_queue_.close();
-  // Nobody can poll() any more: an undelivered EXECUTE op that no handle object holds would keep
-  // its token for ever. Fail those as dropped (held ones are failed when their handle goes).
-  for (auto& op : poll_queue_.drain()) on_handle_dropped(op, /*evicted_from_backlog=*/true);
-  for (auto& s : stripes_) {
-    { std::lock_guard<Mutex> lock(s.mu); }
-    s.cv.notify_all();
-  }
-}
-
-std::vector<std::pair<std::string, double>> Scheduler::stats() const {
-  auto get = [](const Atomic<uint64_t>& c) {
-    // order: relaxed — statistics are a best-effort snapshot.
-    return static_cast<double>(c.load(std::memory_order_relaxed));
-  };
-  size_t slots = 0, pending = 0, held = 0, removed = 0, finished = 0;
-  {
-    std::shared_lock<SharedMutex> lock(slots_mu_);
-    slots = slots_.size();
-  }
-  {
-    std::lock_guard<Mutex> lock(rid_mu_);
-    for (auto& kv : pending_by_rid_) pending += kv.second.size();
-    held = held_cancels_.size();
-  }
-  {
-    std::lock_guard<Mutex> lock(const_cast<Mutex&>(removed_mu_));
-    removed = removed_.size();
-  }
-  {
-    std::lock_guard<Mutex> lock(const_cast<Mutex&>(finished_mu_));
-    finished = finished_.size();
-  }
-  const uint64_t pos = progress_.load();
-  return {
-      {"slots", static_cast<double>(slots)},
-      {"slots_created", get(counters_.slots_created)},
-      {"slots_removed", get(counters_.slots_removed)},
-      {"enqueued", get(counters_.enqueued)},
-      {"scheduled", get(counters_.scheduled)},
-      {"immediate", get(counters_.immediate)},
-      {"joined", get(counters_.joined)},
-      {"executed", get(counters_.executed)},
-      {"completed", get(counters_.completed)},
-      {"failed", get(counters_.failed)},
-      {"cancelled", get(counters_.cancelled)},
-      {"dropped", get(counters_.dropped)},
-      {"timed_out", get(counters_.timed_out)},
-      {"late_cancelled", get(counters_.late_cancelled)},
-      {"removed_forgotten", get(counters_.removed_forgotten)},
-      {"backlog_evicted", get(counters_.backlog_evicted)},
-      {"held_forgotten", get(counters_.held_forgotten)},
-      {"inflight", static_cast<double>(tokens_.in_use())},
-      {"peak_inflight", get(counters_.peak_inflight)},
-      {"max_inflight", static_cast<double>(tokens_.capacity())},
-      {"ready_queued", static_cast<double>(ready_.queued())},
-      {"gated", static_cast<double>(gate_.size())},
-      {"pending_transfer_halves", static_cast<double>(pending)},
-      {"held_cancels", static_cast<double>(held)},
-      {"removed_memory_size", static_cast<double>(removed)},
-      {"poll_backlog", static_cast<double>(poll_queue_.size())},
-      {"finished_backlog", static_cast<double>(finished)},
-      {"iteration", static_cast<double>(position_iteration(pos))},
-      {"layers_complete",
-       static_cast<double>(position_stage(pos) == kIterationDone ? -1.0
-                                                                 : position_stage(pos))},
-      {"dispatch_latency_count", static_cast<double>(dispatch_latency_.count())},
-      {"dispatch_latency_p50_us", dispatch_latency_.quantile(0.50) / 1e3},
-      {"dispatch_latency_p99_us", dispatch_latency_.quantile(0.99) / 1e3},
-  };
 }
 
 }  // namespace kvsched::core

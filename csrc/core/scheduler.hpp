@@ -46,17 +46,22 @@
 #include <vector>
 
 #include "fork_guard.hpp"
+#include "deadlines.hpp"
+#include "finished_queue.hpp"
 #include "gate.hpp"
+#include "join_table.hpp"
 #include "latency_histogram.hpp"
 #include "op.hpp"
 #include "poll_queue.hpp"
 #include "progress.hpp"
 #include "ready_queue.hpp"
 #include "removed_uuids.hpp"
+#include "rid_registry.hpp"
 #include "slot.hpp"
 #include "sync.hpp"
 #include "token_pool.hpp"
 #include "types.hpp"
+#include "waiters.hpp"
 
 namespace kvsched::core {
 
@@ -147,14 +152,7 @@ class Scheduler {
   uint64_t progress_position() const { return progress_.load(); }
 
  private:
-  struct alignas(128) Shard {
-    Mutex mu;
-    std::unordered_map<Uuid, OpPtr, UuidHash> map;  // live operations (and held outcomes)
-  };
-  struct WaitStripe {
-    Mutex mu;
-    CondVar cv;
-  };
+  using Shard = JoinTable::Shard;
   struct Counters {
     Atomic<uint64_t> slots_created{0}, slots_removed{0}, enqueued{0}, scheduled{0},
         immediate{0}, joined{0}, executed{0}, completed{0}, failed{0}, cancelled{0}, dropped{0},
@@ -185,22 +183,18 @@ class Scheduler {
   // Returns the existing op (or null); *late: the uuid belongs to a removed slot's op.
   OpPtr schedule_check_locked(Shard& sh, const std::string& rid, const Uuid& uuid, Mode mode,
                               bool* late);
-  // Creating claims need rid_mu_ held (caller), see schedule().
+  // Creating claims need the rid registry's lock held (caller), see schedule().
   ScheduleClaim schedule_claim_locked(Shard& sh, OpPtr existing, bool late,
                                       const std::string& rid, const Uuid& uuid, Mode mode,
                                       std::vector<OpPtr>* evicted_held);
   OpPtr schedule_finish(ScheduleClaim& claim, const std::string& rid, const Uuid& uuid,
                         uint64_t requirement, Mode mode);
-  // Keeps a transfer half decided CANCEL without a worker half (rid cancelled, or timed out) in
-  // the bounded held list; rid_mu_ held. Appends what falls out of the bound to *evicted.
-  void hold_locked(const OpPtr& op, std::vector<OpPtr>* evicted);
+  // Transfer halves decided CANCEL without a worker half (rid cancelled, or timed out): held in
+  // the registry's bounded list; what falls out of it leaves the join table.
   void hold_decided_halves(const std::vector<OpPtr>& ops);
-  std::vector<Shard*> lock_order(const std::vector<Uuid>& uuids);
+  void on_deadline(const OpPtr& op);
   static void check_distinct(const std::string& rid, const std::vector<Uuid>& uuids);
   SlotPtr find_slot(const std::string& rid) const;
-  Shard& shard(const Uuid& u) { return shards_[UuidHash{}(u) & (shards_.size() - 1)]; }
-  bool rid_cancelled_locked(const std::string& rid) const;
-  void remember_cancelled_rid_locked(const std::string& rid);
   void forget_held_cancels(std::vector<OpPtr> evicted);
 
   void on_joined(const OpPtr& op);
@@ -211,16 +205,17 @@ class Scheduler {
   bool decide(const OpPtr& op, Decision d, std::string error = {});
   bool end_op(const OpPtr& op, Outcome outcome, std::string error);
   void count_into_slot(const OpPtr& op);
-  void notify_waiters(const Op& op);
   void notify_watcher(const Op& op);
-  WaitStripe& stripe_for(const Op* op);
   OpPtr standalone_cancel(const std::string& rid, const Uuid& uuid, Mode mode);
   void remember_removed(const std::vector<OpPtr>& ops);
   bool is_removed_uuid(const Uuid& uuid);
-  void deadline_loop();
   void note_inflight();
   void push_poll(const OpPtr& op);
 
+  // Lock order, whole core (each lock is short; none is held across a wait or a call out):
+  //   slots_mu_ -> Slot::mu -> join-table shard -> rid registry -> removed_mu_
+  //   FinishedQueue -> Slot::mu;  ready_mu_, gate, poll queue, waiter stripes, deadlines,
+  //   notifiers: leaves (nothing is taken under them).
   const Config config_;
   const uint64_t fork_generation_ = fork_generation();
   const long creator_pid_ = static_cast<long>(getpid());
@@ -238,37 +233,13 @@ class Scheduler {
   mutable SharedMutex slots_mu_;
   std::unordered_map<std::string, SlotPtr> slots_;  // guarded by slots_mu_
 
-  std::vector<Shard> shards_;
-  std::vector<WaitStripe> stripes_;
-
-  // rid registry: transfer halves waiting without a joined worker half, and cancelled rids.
-  mutable Mutex rid_mu_;
-  std::unordered_map<std::string, std::vector<OpPtr>> pending_by_rid_;  // guarded by rid_mu_
-  // Cancelled rids, least recently cancelled first (cancelling again refreshes a rid), at most
-  // Config::removed_memory of them. The map points into the list so create_slot() and a
-  // re-cancel unlink a rid in O(1).
-  std::list<std::string> cancelled_order_;                              // guarded by rid_mu_
-  std::unordered_map<std::string, std::list<std::string>::iterator> cancelled_rids_;  // rid_mu_
-  // Transfer halves decided CANCEL because their rid was cancelled before the worker half came
-  // ("held cancels"): kept in the join table so the worker half, if it comes, joins and counts
-  // the op as cancelled. Oldest first, at most Config::removed_memory.
-  std::deque<OpPtr> held_cancels_;                                      // guarded by rid_mu_
-
-  // Lock order: a shard lock may be held when taking removed_mu_, never the other way round.
+  JoinTable table_;
+  Waiters waiters_;
+  RidRegistry rids_;
   Mutex removed_mu_;
   RemovedUuids removed_;  // guarded by removed_mu_
-
-  Mutex finished_mu_;
-  std::vector<SlotPtr> finished_;       // guarded by finished_mu_
-  size_t finished_compact_at_ = 1024;   // guarded by finished_mu_
-  // Lock order: finished_mu_ -> slot mu (compaction); nothing takes them the other way.
-
-  // Deadlines (op_timeout): FIFO, since every op gets the same timeout.
-  Mutex deadline_mu_;
-  CondVar deadline_cv_;
-  std::deque<std::pair<Clock::time_point, OpPtr>> deadlines_;  // guarded by deadline_mu_
-  bool deadline_stop_ = false;                                  // guarded by deadline_mu_
-  std::thread deadline_thread_;
+  FinishedQueue finished_;
+  Deadlines deadlines_;  // last: its thread stops (in close()) before the rest is destroyed
 };
 
 }  // namespace kvsched::core
