@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI for the vLLM connector: for each tested vLLM version, a CPU test environment (torch's CPU
 # build, vLLM without its dependencies, then vLLM's requirements minus the GPU-only ones), and
-# tests/vllm + tests/offload in it with KVSCHED_REQUIRE_VLLM=1 (a missing vLLM fails, never skips).
+# tests/vllm in it with KVSCHED_REQUIRE_VLLM=1 (a missing vLLM fails, never skips; tests/offload
+# runs in the main suite).
 # Called by .ci/run; KVSCHED_VLLM_VERSIONS overrides the versions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,5 +21,5 @@ for version in ${KVSCHED_VLLM_VERSIONS:-0.33.0 0.34.0}; do
   "$venv/bin/pip" install -q -r "$venv/slim-requirements.txt"
   "$venv/bin/pip" install -q "$(ls "$wheels"/kvsched-*.whl)[test]"
   echo "vLLM $version CPU test environment: $(( $(date +%s) - start )) s"
-  KVSCHED_REQUIRE_VLLM=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/vllm tests/offload
+  KVSCHED_REQUIRE_VLLM=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs tests/vllm
 done
