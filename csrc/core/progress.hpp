@@ -94,7 +94,6 @@ class Progress {
     }
   }
 
-  uint64_t num_layers() const { return num_layers_; }
 
  private:
   const uint64_t num_layers_;

@@ -65,12 +65,10 @@ SlotSnapshot Scheduler::slot_status(const std::string& rid) const {
   std::lock_guard<Mutex> lock(slot->mu);
   // order: relaxed — read under slot->mu; the counters are a snapshot. (is_complete() is the
   // exact test; the acquire on `open` orders the counters for it.)
-  const bool complete = slot->is_complete();
   s.expected = slot->expected.load(std::memory_order_relaxed);
   s.completed = slot->completed.load(std::memory_order_relaxed);
   s.failed = slot->failed.load(std::memory_order_relaxed);
   s.cancelled = slot->cancelled_ops.load(std::memory_order_relaxed);
-  (void)complete;
   s.errors = slot->errors;
   return s;
 }

@@ -11,6 +11,7 @@
 #include KVSCHED_SYNC_HEADER
 #else
 #include <atomic>
+#include <cstdint>
 #include <condition_variable>
 #include <mutex>
 #include <shared_mutex>
@@ -23,6 +24,16 @@ namespace kvsched::core {
 
 template <class T>
 using Atomic = std::atomic<T>;
+
+// The design's progress claims (docs/design.md "Which calls wait") rest on these atomics being
+// lock-free on every platform the core builds for: a std::atomic that fell back to a hidden
+// mutex would make "lock-free" calls block.
+static_assert(std::atomic<bool>::is_always_lock_free, "atomic<bool> must be lock-free");
+static_assert(std::atomic<uint8_t>::is_always_lock_free, "atomic<uint8_t> must be lock-free");
+static_assert(std::atomic<int32_t>::is_always_lock_free, "atomic<int32_t> must be lock-free");
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "atomic<uint32_t> must be lock-free");
+static_assert(std::atomic<int64_t>::is_always_lock_free, "atomic<int64_t> must be lock-free");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "atomic<uint64_t> must be lock-free");
 using SharedMutex = std::shared_mutex;
 using CondVar = std::condition_variable_any;
 
