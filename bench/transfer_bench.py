@@ -5,7 +5,7 @@
     python bench/transfer_bench.py --backend cuda --json out/transfer_cuda.json
     python bench/transfer_bench.py --quick              # three sizes, fewer bytes: seconds
 
-The measuring code lives in ``kvsched.transfer.bench`` (importable by the ``kvsched-bench``
+The measuring code lives in ``kvsched.bench.transfer_bench`` (importable by the ``kvsched-bench``
 runner: ``run_transfer_bench``, ``transfer_summary``, ``format_table``); this file is the
 command line around it.
 """
@@ -17,14 +17,7 @@ import json
 import os
 import sys
 
-
-def _import_bench():
-    try:
-        from kvsched.transfer import bench
-    except ImportError:  # running from a checkout without installing
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-        from kvsched.transfer import bench
-    return bench
+from kvsched.bench import transfer_bench as bench
 
 
 def _size(text: str) -> int:
@@ -49,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the result dict as JSON")
     args = p.parse_args(argv)
 
-    bench = _import_bench()
     sizes = [_size(s) for s in args.sizes.split(",") if s.strip()]
     total = _size(args.total)
     if args.quick:

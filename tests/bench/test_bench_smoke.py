@@ -67,3 +67,15 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     assert proc.returncode == 2, proc.stderr
     assert "no usable CUDA device" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_without_rich_says_how_to_install_the_bench_extra():
+    """rich is the ``bench`` extra: without it kvsched-bench names the install command and exits
+    with status 2, and the rest of kvsched (the transfer benchmark included) imports without it."""
+    code = ("import sys; sys.modules['rich'] = None\n"
+            "import kvsched.bench.transfer_bench, kvsched.transfer\n"
+            "from kvsched.bench.__main__ import main\n"
+            "sys.exit(main(['--quick']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'pip install "kvsched[bench]"' in proc.stderr

@@ -166,7 +166,7 @@ def test_cuda_results_render_as_table_json_and_plot(tmp_path):
 
     from kvsched.bench import scheduler_bench
     from kvsched.bench.report import print_report, write_json, write_plot
-    from kvsched.transfer.bench import run_transfer_bench, transfer_summary
+    from kvsched.bench.transfer_bench import run_transfer_bench, transfer_summary
 
     rt = FakeRuntime(not_ready_polls=1)
     options = {"runtime": rt, "driver": FakeDriver(rt), "poll_interval": (1e-5, 1e-4)}

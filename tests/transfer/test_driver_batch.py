@@ -240,7 +240,7 @@ def test_cuda_transfer_bench_runs_on_the_stand_ins(fake):
     beside the Python-list one), run on the stand-ins so its code is exercised without a GPU.
     The figures mean nothing here; the checks are on the shape and on byte-exact copies (the
     benchmark raises if a copy is not)."""
-    from kvsched.transfer.bench import format_table, run_transfer_bench
+    from kvsched.bench.transfer_bench import format_table, run_transfer_bench
 
     drv = FakeDriver(fake)
     result = run_transfer_bench(backend="cuda", block_sizes=[4096, 65536], total_bytes=1 << 20,
@@ -259,7 +259,7 @@ def test_cuda_transfer_bench_runs_on_the_stand_ins(fake):
 
 def test_cuda_transfer_bench_catches_a_path_that_copies_nothing(fake, monkeypatch):
     """The byte-exact check looks at kvsched's own copy: other methods write the same buffers."""
-    from kvsched.transfer.bench import run_transfer_bench
+    from kvsched.bench.transfer_bench import run_transfer_bench
     from kvsched.transfer.cuda import CudaBackend
 
     # Broken only once the engine is built: its self-test would catch it and fall back.

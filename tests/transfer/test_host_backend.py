@@ -506,7 +506,8 @@ def _fail_if(job, bad_uuid):
 def test_host_transfer_bench_checks_its_own_copy(monkeypatch):
     """The benchmark's byte-exact check looks at kvsched's copy, not at the per-block loop's,
     which wrote the same destination: a path that copies nothing is caught."""
-    from kvsched.transfer import bench, host
+    from kvsched.bench import transfer_bench as bench
+    from kvsched.transfer import host
 
     result = bench.run_transfer_bench(backend="host", block_sizes=[4096], total_bytes=1 << 18, repeats=1)
     assert result["rows"][0]["kvsched_gbps"] > 0

@@ -3,6 +3,10 @@
     kvsched-bench                      # host backend, finishes in well under a minute on 2 cores
     kvsched-bench --quick --json out.json
     kvsched-bench --backend cuda --json gpu.json --plot gpu.png
+
+Needs the ``bench`` extra (``pip install "kvsched[bench]"``, from a checkout ``pip install
+".[bench]"``): rich draws the tables and the progress line. Without it, kvsched-bench says how to
+install it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -12,8 +16,14 @@ import platform
 import sys
 from typing import Any
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+try:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+except ImportError:  # the bench extra is not installed: main() says how to install it
+    Console = None  # type: ignore[assignment,misc]
+
+_NEEDS_RICH = ("kvsched-bench needs the 'bench' extra (rich, for its tables and progress): "
+               "pip install \"kvsched[bench]\" (from a checkout: pip install \".[bench]\")")
 
 
 def _device(backend: str) -> str:
@@ -57,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from ..transfer import TransferEngine
-    from ..transfer.bench import run_transfer_bench, transfer_summary
+    from .transfer_bench import run_transfer_bench, transfer_summary
     from . import scheduler_bench
     from .engine_sim import EngineConfig, run_engine
 
@@ -117,6 +127,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if Console is None:
+        print(_NEEDS_RICH, file=sys.stderr)
+        return 2
     console = Console()
     from ..transfer.errors import CudaError
 

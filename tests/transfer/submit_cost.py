@@ -1,7 +1,7 @@
 """Host CPU time of ``TransferEngine.submit`` on the cuda backend, without a GPU.
 
-A development measurement, not a test: it borrows the test suite's stand-ins for the CUDA runtime
-and driver (``tests/transfer/fake_cudart.py``) and reaches into the engine to swap the driver
+A development measurement, not a test (it lives beside the test suite's stand-ins for the CUDA
+runtime and driver, ``fake_cudart.py``, which it uses, and pytest does not collect it); it reaches into the engine to swap the driver
 function and to abandon the jobs that never complete.
 
 The CUDA runtime and driver are the stand-ins of the test suite
@@ -12,7 +12,7 @@ function is a C function that returns at once) and "lists" (cuda-bindings' real
 ``cudaMemcpyBatchAsync``, which converts its three Python lists before it finds that there is no
 driver; see ``bench/batch_args_cost.py``). Runs only where no CUDA device is usable.
 
-    python bench/submit_cost.py
+    python tests/transfer/submit_cost.py
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,15 +28,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "transfer"))
+# Run as a script, so its own directory (tests/transfer) is on sys.path.
+from fake_cudart import FakeDriver, FakeRuntime
+from transfer_helpers import FakeHandle
 
-from fake_cudart import FakeDriver, FakeRuntime  # noqa: E402
-from transfer_helpers import FakeHandle  # noqa: E402
-
-from kvsched.pool import BlockPool  # noqa: E402
-from kvsched.transfer.cudart import DeviceBuffer, cuda_available, pinned_empty  # noqa: E402
-from kvsched.transfer.driver_batch import BATCH_PROTOTYPE, DriverBatchCopier  # noqa: E402
-from kvsched.transfer.engine import TransferEngine  # noqa: E402
+from kvsched.pool import BlockPool
+from kvsched.transfer.cudart import DeviceBuffer, cuda_available, pinned_empty
+from kvsched.transfer.driver_batch import BATCH_PROTOTYPE, DriverBatchCopier
+from kvsched.transfer.engine import TransferEngine
 
 
 class _FreeDriver(FakeDriver):
