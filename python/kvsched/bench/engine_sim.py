@@ -52,7 +52,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import _core
+from .. import _bench
 from ..pool import BlockPool
 from ..protocol import Decision, LayerComplete, TransferKind
 from ..scheduler import Scheduler
@@ -383,7 +383,7 @@ def _forward(cfg: EngineConfig, compute: bool, transfer: bool, sched: Scheduler,
                 if gpu is not None:
                     gpu.layer(cfg.compute_per_layer_s)  # launched; runs on the compute stream
                 elif cfg.compute == "spin":
-                    _core._spin(cfg.compute_per_layer_s)
+                    _bench.spin(cfg.compute_per_layer_s)
                 else:
                     _sleep_until(c0 + cfg.compute_per_layer_s)
                 tl.compute.append((c0 - t0, time.perf_counter() - t0))

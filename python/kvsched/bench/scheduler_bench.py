@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from .. import _core
+from .. import _bench
 from ..protocol import LayerComplete, TransferKind
 from ..testing import ReferenceScheduler
 from ..scheduler import Scheduler
@@ -72,7 +72,7 @@ def ops_per_second(ops: int, rounds: int = 3) -> dict[str, float]:
         _lifecycle(s, [uuid.uuid4() for _ in range(ops // 10)], "w")  # warm-up
     ref_ops = max(PER_SLOT, ops // 4)
     for r in range(rounds):
-        core_ops, core_s = _core._bench_core(max(ops * 10, 100_000))
+        core_ops, core_s = _bench.core(max(ops * 10, 100_000))
         keep("core_ops_per_s", core_ops / core_s)
         uuids = [uuid.uuid4() for _ in range(ops)]
         with Scheduler(max_inflight=64) as s, frozen_heap():
@@ -96,7 +96,7 @@ def core_thread_scaling(ops: int, threads: tuple[int, ...] = (1, 2, 4), rounds: 
     out: dict[str, float] = {}
     for _ in range(rounds):
         for n in threads:
-            done, seconds = _core._bench_core(ops, n)
+            done, seconds = _bench.core(ops, n)
             out[str(n)] = max(out.get(str(n), 0.0), done / seconds)
     return out
 
