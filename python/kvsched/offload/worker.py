@@ -408,8 +408,10 @@ class OffloadWorker:
         return slot
 
     def _cancel_request(self, rid: str, *, fence: bool, new_generation: bool) -> None:
-        """Cancel ``rid``'s undecided operations; with ``fence``, wait until its running copies
-        no longer touch its GPU blocks (the engine freed them; GPU: the current stream waits)."""
+        """Cancel ``rid``'s loads that have not started; with ``fence``, wait (on the CPU) until
+        no copy of its loads or of the store batches holding its blocks touches them any more
+        (the engine freed them). A load cancelled while its copy ran counts as failed: its
+        blocks are recomputed, never trusted."""
         slots = self._rid_slots.get(rid, ())
         w = self.scheduler.worker
         for slot in slots:
