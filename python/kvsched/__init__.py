@@ -22,17 +22,18 @@ from .protocol import (
     IterationComplete,
     LayerComplete,
     LayerNameComplete,
+    Outcome,
     RequestMode,
     SlotStatus,
     TransferKind,
 )
-from .scheduler import Handle, Scheduler, TransferSide, WorkerSide
+from .scheduler import Handle, Scheduler, SchedulerStats, TransferSide, WorkerSide
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Scheduler", "Handle", "WorkerSide", "TransferSide",
-    "TransferKind", "RequestMode", "Decision", "SlotStatus",
+    "Scheduler", "SchedulerStats", "Handle", "WorkerSide", "TransferSide",
+    "TransferKind", "RequestMode", "Decision", "Outcome", "SlotStatus",
     "LayerComplete", "LayerNameComplete", "IterationComplete",
     "KvschedError", "SlotExistsError", "UnknownSlotError", "SlotBusyError",
     "DuplicateOperationError", "ProtocolError", "HandleDroppedError", "SchedulerClosedError",

@@ -35,7 +35,32 @@ from typing import Any
 from kvsched.errors import InvalidArgumentError
 from kvsched.interop import ArrayInfo, c_contiguous_nbytes, describe_array
 
-__all__ = ["BlockPool"]
+__all__ = ["BlockPool", "PoolCache"]
+
+
+class PoolCache:
+    """What the transfer modules derive from a pool once and keep with it (it lives and dies with
+    the pool: pools never change after construction). Each field has one owner module, which
+    alone reads and writes it.
+
+    * ``plan_bases`` (plan.py): ``(num_layers, num_pieces)`` int64 array of the address of block 0
+      of each piece of each layer; None until first needed.
+    * ``plan_pairs`` (plan.py): destination pools found compatible with this source pool, by
+      ``id(dst)``: ``(weakref to dst, facts)``; None until the first pair is checked.
+    * ``host_views`` (host.py): numpy views of each ``(layer, piece)``: ``(rows, items)``.
+    * ``cuda_ready`` (cuda.py): devices this pool was checked and prepared for.
+    * ``cuda_pins`` (cuda.py): page-lock registrations of this host pool's memory, by address
+      (unregistered when the pool is garbage-collected).
+    """
+
+    __slots__ = ("plan_bases", "plan_pairs", "host_views", "cuda_ready", "cuda_pins")
+
+    def __init__(self) -> None:
+        self.plan_bases: Any = None
+        self.plan_pairs: dict[int, tuple[Any, Any]] | None = None
+        self.host_views: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.cuda_ready: set[int] = set()
+        self.cuda_pins: dict[int, Any] = {}
 
 
 class BlockPool:
@@ -84,7 +109,7 @@ class BlockPool:
         self.dtype = dtype
         self.readonly = bool(readonly)
         self._owners = tuple(owners)
-        self._cache: dict[Any, Any] = {}  # per-backend derived data (numpy views, pin state)
+        self._cache = PoolCache()
         self.layer_names = tuple(layer_names) if layer_names is not None else None
         self._validate()
 
@@ -241,6 +266,12 @@ class BlockPool:
     @property
     def device_index(self) -> int | None:
         return None if self.device == "cpu" else int(self.device.split(":", 1)[1])
+
+    @property
+    def transfer_cache(self) -> PoolCache:
+        """Data the transfer backends derived from this pool (see :class:`PoolCache`); internal to
+        kvsched's transfer modules."""
+        return self._cache
 
     @property
     def owners(self) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ __all__ = [
     "TransferKind",
     "RequestMode",
     "Decision",
+    "Outcome",
     "LayerComplete",
     "LayerNameComplete",
     "IterationComplete",
@@ -37,6 +38,22 @@ class RequestMode(enum.IntEnum):
 class Decision(enum.IntEnum):
     EXECUTE = 1
     CANCEL = 2
+
+
+class Outcome(str, enum.Enum):
+    """How an operation ended (``Handle.outcome``), or OPEN while it has not.
+
+    Each member is a ``str`` equal to its value (``Outcome.COMPLETED == "completed"``), and
+    ``str()``/``format()`` give the value, so code that compared ``outcome`` with these strings
+    keeps working. A dropped handle's operation ends FAILED (contract S4)."""
+
+    OPEN = "open"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @dataclass(frozen=True)

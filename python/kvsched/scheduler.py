@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict, cast
 
 from . import _core
 from ._args import check_int, check_seconds, short_repr
-from .protocol import Decision
+from .protocol import Decision, Outcome
 
-__all__ = ["Scheduler", "Handle", "WorkerSide", "TransferSide"]
+__all__ = ["Scheduler", "SchedulerStats", "Handle", "WorkerSide", "TransferSide"]
 
 # Ranges of the constructor's arguments (docs/semantics.md "Ranges"). Durations are whole
 # nanoseconds in the core: every accepted duration is honoured as given, never wrapped or rounded
@@ -123,6 +123,99 @@ def _handle_await(self: Any):
 
 Handle.__await__ = _handle_await  # type: ignore[attr-defined]
 
+# The core reports an operation's outcome as its name ("open", "completed", ...); Handle.outcome
+# turns it into the Outcome member of that value (a str too, so comparisons with the names hold).
+_core_outcome = _core.Handle.outcome.fget
+_OUTCOMES = {o.value: o for o in Outcome}
+
+
+def _handle_outcome(self: Any) -> Outcome:
+    """How the operation ended: ``Outcome.OPEN`` until then, else COMPLETED, FAILED or
+    CANCELLED (a dropped handle's operation is FAILED). Each member equals its name as a str."""
+    return _OUTCOMES[_core_outcome(self)]
+
+
+Handle.outcome = property(_handle_outcome)  # type: ignore[attr-defined,assignment]
+
+
+class SchedulerStats(TypedDict):
+    """What :meth:`Scheduler.stats` returns: a plain dict with these keys, a best-effort snapshot
+    (each figure is read on its own, so two figures may be a few operations apart).
+
+    Keys ending in ``_us`` are floats in microseconds; every other key is an int. Counters only
+    grow; the other ints are sizes at the moment of the call.
+    """
+
+    #: slots that exist now (created and not removed)
+    slots: int
+    #: ``create_slot`` calls that succeeded
+    slots_created: int
+    #: ``remove_slot`` calls that succeeded
+    slots_removed: int
+    #: worker halves accepted (``enqueue``)
+    enqueued: int
+    #: transfer halves accepted (``schedule``), IMMEDIATE ones included; a half decided CANCEL on
+    #: arrival for a removed uuid is counted in ``late_cancelled`` only
+    scheduled: int
+    #: IMMEDIATE transfer halves (also in ``scheduled``)
+    immediate: int
+    #: operations whose two halves met
+    joined: int
+    #: EXECUTE decisions, both modes
+    executed: int
+    #: operations that ended completed
+    completed: int
+    #: operations that ended failed, ``dropped`` included
+    failed: int
+    #: operations that ended cancelled, ``timed_out`` included
+    cancelled: int
+    #: operations whose handle was garbage-collected unmarked, or pushed out of the poll backlog
+    #: undelivered (recorded as failed, contract S4)
+    dropped: int
+    #: operations cancelled by ``op_timeout`` (contract S12)
+    timed_out: int
+    #: transfer halves decided CANCEL on arrival: their rid was cancelled, or their uuid belongs
+    #: to a removed slot (contract S6)
+    late_cancelled: int
+    #: uuids of removed slots forgotten, oldest first, beyond ``removed_memory``
+    removed_forgotten: int
+    #: decided handles pushed out of the poll backlog before anybody took them (``poll_backlog``)
+    backlog_evicted: int
+    #: held CANCEL outcomes forgotten, oldest first, beyond ``removed_memory``
+    held_forgotten: int
+    #: concurrency tokens in use now (SCHEDULED operations decided EXECUTE and not ended)
+    inflight: int
+    #: the most tokens ever in use at once
+    peak_inflight: int
+    #: the token bound, ``Scheduler(max_inflight=...)``
+    max_inflight: int
+    #: ready operations waiting for a token
+    ready_queued: int
+    #: joined operations whose requirement does not hold yet
+    gated: int
+    #: transfer halves waiting for their worker half
+    pending_transfer_halves: int
+    #: CANCEL outcomes held for a worker half that has not come (docs/semantics.md)
+    held_cancels: int
+    #: uuids of removed slots remembered now
+    removed_memory_size: int
+    #: decided handles waiting for ``transfer.poll``
+    poll_backlog: int
+    #: rids that became complete and wait for ``take_finished``
+    finished_backlog: int
+    #: the current iteration (0 before the first ``start_next_iteration``)
+    iteration: int
+    #: layers marked complete in the current iteration; -1 once it is marked complete
+    layers_complete: int
+    #: dispatch latencies recorded: gated operations released by a progress mark and then
+    #: decided EXECUTE
+    dispatch_latency_count: int
+    #: median time from the progress mark that released a gated operation to its EXECUTE
+    #: decision, in microseconds
+    dispatch_latency_p50_us: float
+    #: 99th percentile of the same, in microseconds
+    dispatch_latency_p99_us: float
+
 
 class Scheduler:
     """Schedules KV-cache block transfers between the worker and the transfer side.
@@ -212,12 +305,13 @@ class Scheduler:
         """True in a process forked from the one that created this scheduler (it is unusable)."""
         return self._core.inherited
 
-    def stats(self) -> dict[str, float | int]:
-        """Counters (ints) and latency figures (floats, microseconds): a best-effort snapshot."""
+    def stats(self) -> SchedulerStats:
+        """Counters and sizes (ints) and latency figures (floats, microseconds, keys ending in
+        ``_us``), as a dict: a best-effort snapshot. :class:`SchedulerStats` documents each key."""
         out: dict[str, float | int] = {}
         for key, value in self._core.stats():
             out[key] = value if key.endswith("_us") else int(value)
-        return out
+        return cast(SchedulerStats, out)
 
     @property
     def closed(self) -> bool:

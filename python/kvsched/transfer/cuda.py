@@ -56,6 +56,7 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError
 from kvsched.pool import BlockPool
+from kvsched.transfer.backend import event_list
 from kvsched.transfer.driver_batch import DriverBatchCopier, c_array, is_invalid_context
 from kvsched.transfer.cudart import (
     DeviceBuffer,
@@ -180,7 +181,7 @@ class CudaBackend:
                 raise InvalidArgumentError(
                     f"pool on {pool.device} but this engine drives cuda:{self.device}; use one engine per GPU"
                 )
-        waits = [rt.cudaEvent_t(as_event_handle(e)) for e in _as_list(compute_event) + _as_list(wait_event)]
+        waits = [rt.cudaEvent_t(as_event_handle(e)) for e in event_list(compute_event) + event_list(wait_event)]
         self._prepare(plan.src)
         self._prepare(plan.dst)
         # Python lists for small jobs (cheaper than a dozen numpy calls), numpy arrays for large.
@@ -208,7 +209,7 @@ class CudaBackend:
             self._pending += 1
             self._stream_ops[kind] += ops
 
-        job._gpu = self
+        job.attach(None, waiter=self)
         stream = self._streams[kind]
         with self._launch_lock:
             launch_error: BaseException | None = None
@@ -232,7 +233,7 @@ class CudaBackend:
                 self._fail_untracked(job, kind, ops, event, stream, launch_error or exc)
                 return
             with self._cond:
-                job._cuda = _GpuState(kind, event, ops, launch_error)
+                job.attach(_GpuState(kind, event, ops, launch_error))
                 self._inflight[kind].append(job)
                 self._cond.notify_all()
 
@@ -241,14 +242,14 @@ class CudaBackend:
         rt = self._rt
         handle = rt.cudaStream_t(as_stream_handle(stream))
         with self._cond:
-            state = getattr(job, "_cuda", None)
+            state: _GpuState | None = job.backend_state
             if state is None or state.done:
                 return
             check(rt, rt.cudaStreamWaitEvent(handle, state.event, 0), "cudaStreamWaitEvent")
 
     def event_of(self, job: TransferJob) -> int | None:
         with self._cond:
-            state = getattr(job, "_cuda", None)
+            state: _GpuState | None = job.backend_state
             return None if state is None or state.done else int(state.event)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -372,8 +373,9 @@ class CudaBackend:
         this job is still running when its handle is marked failed."""
         with contextlib.suppress(Exception):
             self._rt.cudaStreamSynchronize(stream)
-        job._cuda = _GpuState(kind, event, ops, error)
-        job._cuda.done = True
+        state = _GpuState(kind, event, ops, error)
+        state.done = True
+        job.attach(state)
         with self._cond:
             self._stream_ops[kind] -= ops  # the event (if any) may be broken: not reused
         job._finish(error)
@@ -408,7 +410,7 @@ class CudaBackend:
 
     def _try_complete(self, job: TransferJob) -> tuple[bool, TransferJob | None]:
         """If ``job`` (the oldest on its stream) is done, finish it; return (done, next job)."""
-        rt, state = self._rt, job._cuda
+        rt, state = self._rt, job.backend_state
         try:
             res = rt.cudaEventQuery(state.event)
             code = int(res[0] if isinstance(res, tuple) else res)
@@ -453,8 +455,8 @@ class CudaBackend:
 
     def _prepare(self, pool: BlockPool) -> None:
         """Once per pool: check that device pools are on this GPU, page-lock host pools."""
-        key = ("cuda_ready", self.device)
-        if pool._cache.get(key):
+        cache = pool.transfer_cache
+        if self.device in cache.cuda_ready:
             return
         rt = self._rt
         memory_type = rt.cudaMemoryType
@@ -497,9 +499,9 @@ class CudaBackend:
                     )
                     continue
                 # Lives as long as the pool: unregistered when the pool is garbage-collected.
-                pool._cache[("cuda_pin", addr)] = reg
+                cache.cuda_pins[addr] = reg
                 log.info("kvsched: page-locked %d bytes of a host pool for cuda:%d", size, self.device)
-        pool._cache[key] = True
+        cache.cuda_ready.add(self.device)
 
     def _setup_batch(self, batch: bool | str, driver: Any, *, injected: bool) -> str:
         """Set :attr:`batch_mode` to "driver", else "bindings", else "loop" (see the module
@@ -509,7 +511,6 @@ class CudaBackend:
         if batch not in (True, "auto", "on", "driver", "bindings"):
             raise InvalidArgumentError(
                 f"batch must be 'auto', True, False, 'driver' or 'bindings', got {batch!r}")
-        rt = self._rt
         if min(self.runtime_version, self.driver_version) < 12080:
             reasons = [f"CUDA {self.runtime_version} runtime / {self.driver_version} driver "
                        "(batched copies need 12.8)"]
@@ -610,14 +611,6 @@ def _chunk_bounds(count: int, limit: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start, size = stop, min(size * 2, limit)
     return bounds
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if v is not None]
-    return [value]
 
 
 def _version(rt: Any, fn: str) -> int:

@@ -22,17 +22,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvsched._args import check_int, check_seconds, short_repr
 from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError, SchedulerForkedError
 from kvsched.protocol import Decision
+from kvsched.transfer.backend import Backend
 from kvsched.transfer.cudart import cuda_available
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.host import HostBackend
 from kvsched.transfer.job import TransferJob
 from kvsched.transfer.plan import build_plan
+
+if TYPE_CHECKING:
+    from kvsched.transfer.cuda import CudaBackend
 
 __all__ = ["TransferEngine"]
 
@@ -63,13 +68,15 @@ class TransferEngine:
 
     ``TransferEngine(s, backend="auto", *, max_pending=1024, fault_hook=None, **options)``
 
-    * ``s``: the :class:`kvsched.Scheduler` (or reference model) whose handles are submitted;
-      kept as :attr:`scheduler`, may be None.
+    * ``s``: the :class:`kvsched.Scheduler` (or ``kvsched.testing.ReferenceScheduler``) whose
+      handles are submitted; may be None. The engine needs nothing from it (each handle carries
+      its operation): the argument is accepted as the contract's ``TransferEngine(s, ...)``
+      says, and the ``scheduler`` attribute that kept it is deprecated (it warns, and goes in
+      the next release).
     * ``backend``: ``"auto"``, ``"host"`` or ``"cuda"``; :attr:`backend` says what was chosen,
       :attr:`backend_reason` why.
     * ``max_pending``: unfinished jobs allowed per backend before ``submit`` raises
       ``TransferQueueFullError``.
-    * ``fault_hook(job)``: called before a job's copies; raising fails the job (tests).
     * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
       by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
     * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
@@ -77,9 +84,14 @@ class TransferEngine:
       "off" for one cudaMemcpyAsync per copy; "driver" or "bindings" to require one way of
       batching; see :mod:`kvsched.transfer.cuda`),
       ``batch_chunk`` (most copies per batch call), ``auto_pin`` (page-lock host pools on first
-      use), ``poll_interval`` ((min, max) seconds between reaper polls), ``runtime`` and
-      ``driver`` (cuda-bindings' runtime and driver modules, or stand-ins for tests; with an
-      injected ``runtime`` the driver-level batch path is used only if ``driver`` is given too).
+      use), ``poll_interval`` ((min, max) seconds between reaper polls).
+
+    Test seams (for kvsched's own tests and fault injection; production code leaves them unset):
+
+    * ``fault_hook(job)``: called before a job's copies; raising fails the job.
+    * ``runtime`` and ``driver`` (cuda options): replace cuda-bindings' runtime and driver
+      modules with stand-ins (``tests/transfer/fake_cudart.py``); with an injected ``runtime``
+      the driver-level batch path is used only if ``driver`` is given too.
     """
 
     def __init__(
@@ -104,7 +116,7 @@ class TransferEngine:
         if fault_hook is not None and not callable(fault_hook):
             raise TypeError(f"fault_hook must be callable or None, not {type(fault_hook).__name__}")
         options = _checked_options(options)
-        self.scheduler = scheduler
+        self._scheduler = scheduler
         self._generation = _fork_generation
         self._pid = os.getpid()
         self._host_options = {k: options[k] for k in _HOST_OPTIONS if k in options}
@@ -112,7 +124,7 @@ class TransferEngine:
         cuda_options = {k: options[k] for k in _CUDA_OPTIONS if k in options}
         cuda_options.update(max_pending=max_pending, fault_hook=fault_hook)
 
-        self._cuda: Any = None
+        self._cuda: CudaBackend | None = None
         self._host: HostBackend | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -135,8 +147,20 @@ class TransferEngine:
         if self.backend == "host":
             self._host = HostBackend(**self._host_options)
         log.info("kvsched: TransferEngine backend=%s (%s)", self.backend, self.backend_reason)
-        self._backends = [b for b in (self._cuda, self._host) if b is not None]
+        self._backends: list[Backend] = [b for b in (self._cuda, self._host) if b is not None]
         self._finalizer = weakref.finalize(self, _abandon, self._backends, self._generation)
+
+    @property
+    def scheduler(self) -> Any:
+        """Deprecated: the scheduler given to the constructor, which the engine never uses. Goes
+        in the next release; keep your own reference to the scheduler."""
+        warnings.warn(
+            "TransferEngine.scheduler is deprecated and will be removed: the engine does not use "
+            "the scheduler; keep your own reference to it",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._scheduler
 
     # ------------------------------------------------------------------------------ submit
 
@@ -367,14 +391,11 @@ def _check_writable(dst: Any) -> None:
             )
 
 
-def _abandon(backends: list[Any], generation: int) -> None:
+def _abandon(backends: list[Backend], generation: int) -> None:
     if generation != _fork_generation:
         return  # a forked child's copy: the threads and streams are the parent's
     for b in backends:
         try:
-            if hasattr(b, "abandon"):
-                b.abandon()
-            else:
-                b.close(timeout=0)
+            b.abandon()
         except Exception:  # noqa: BLE001 - garbage collection path
             pass

@@ -34,6 +34,7 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError
 from kvsched.pool import BlockPool
+from kvsched.transfer.backend import event_list
 from kvsched.transfer.errors import TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.job import TransferJob
 
@@ -119,7 +120,7 @@ class HostBackend:
         if compute_event is None and wait_event is None:
             waits = _NO_WAITS
         else:
-            waits = _as_list(compute_event) + _as_list(wait_event)
+            waits = event_list(compute_event) + event_list(wait_event)
             for ev in waits:
                 if not callable(getattr(ev, "wait", None)):
                     raise InvalidArgumentError(
@@ -134,7 +135,7 @@ class HostBackend:
                 parts = min(self.workers, max(int(plan.nbytes // max(self.split_bytes // 2, 1)), 1))
                 if parts > 1:
                     chunks = _split(plan, parts)
-        job._backend_state = _JobState(1 if chunks is None else len(chunks), waits)
+        job.attach(_JobState(1 if chunks is None else len(chunks), waits))
         with self._lock:
             if self._closing:
                 raise TransferEngineClosedError("the transfer engine is closed")
@@ -175,6 +176,10 @@ class HostBackend:
 
     # ------------------------------------------------------------------------------ workers
 
+    def abandon(self) -> None:
+        """The engine was garbage-collected unclosed: close without waiting (Backend.abandon)."""
+        self.close(timeout=0)
+
     def _run(self) -> None:
         lock, work, tasks = self._lock, self._work, self._tasks
         while True:
@@ -185,7 +190,7 @@ class HostBackend:
                     self._sleeping += 1  # the notifier takes it back off
                     work.wait()
                 job, part = tasks.popleft()
-            state: _JobState = job._backend_state
+            state: _JobState = job.backend_state
             error: BaseException | None = None
             try:
                 for ev in state.waits:
@@ -212,14 +217,6 @@ class HostBackend:
                     if self._closing:
                         self._sleeping = 0
                         work.notify_all()
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if v is not None]
-    return [value]
 
 
 # ---------------------------------------------------------------------------------- copying
@@ -294,8 +291,9 @@ def _copy(plan: Any, part: _Part | None) -> None:
 def _views(pool: BlockPool, layer: int, piece: int) -> tuple[np.ndarray, np.ndarray]:
     """numpy views of one (layer, piece) of a host pool: ``(num_blocks, piece_bytes)`` uint8 rows,
     and the same bytes as ``num_blocks`` opaque items (for fancy indexing). Cached on the pool."""
-    key = ("host_views", layer, piece)
-    views = pool._cache.get(key)
+    cache = pool.transfer_cache.host_views
+    key = (layer, piece)
+    views = cache.get(key)
     if views is None:
         n, size, stride = pool.num_blocks, pool.piece_bytes, pool.block_stride
         span = (n - 1) * stride + size if n else 0
@@ -305,5 +303,5 @@ def _views(pool: BlockPool, layer: int, piece: int) -> tuple[np.ndarray, np.ndar
         rows = np.ndarray((n, size), dtype=np.uint8, buffer=buf, strides=strides + (1,))
         items = np.ndarray((n,), dtype=np.dtype((np.void, size)), buffer=buf, strides=strides)
         views = (rows, items)
-        pool._cache[key] = views
+        cache[key] = views
     return views

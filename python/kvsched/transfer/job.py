@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvsched.transfer.errors import TransferError
 from kvsched.transfer.plan import CopyPlan
+
+if TYPE_CHECKING:
+    from kvsched.transfer.backend import StreamWaiter
 
 __all__ = ["TransferJob"]
 
@@ -33,7 +36,11 @@ class TransferJob:
 
     ``error`` is None while running and after success, else the failure reason. ``wait()`` is
     for tests, tools and shutdown paths: the engine's forward thread should never block on it
-    (on the cuda backend, make the compute stream wait with :meth:`wait_on` instead)."""
+    (on the cuda backend, make the compute stream wait with :meth:`wait_on` instead).
+
+    ``backend_state`` is the record that the backend running the job keeps for it (set with
+    :meth:`attach`; only that backend reads it: parts left and waits on the host backend, stream
+    kind, event and queued operations on the cuda backend); None until the backend took the job."""
 
     def __init__(self, handle: Any, plan: CopyPlan, kind: str) -> None:
         self.handle = handle
@@ -48,7 +55,8 @@ class TransferJob:
         self._state = _RUNNING
         self._event: threading.Event | None = None  # made only when someone waits
         self._callbacks: list[Callable[["TransferJob"], None]] = []
-        self._gpu: Any = None  # the cuda backend that can make a stream wait on this job
+        self.backend_state: Any = None
+        self._waiter: StreamWaiter | None = None  # the backend that can make a stream wait on it
 
     # ------------------------------------------------------------------------------ queries
 
@@ -86,21 +94,21 @@ class TransferJob:
         """Make ``stream`` (a CUDA stream: int handle, torch/cupy/cuda.core stream) wait on the GPU
         until this job's copies are done, without blocking the host. Cuda backend only; a no-op
         once the job has completed."""
-        if self._gpu is None:
+        if self._waiter is None:
             if self._state == _DONE:
                 return
             raise TransferError(
                 f"{self.kind} job of request {self.request_id!r} op {self.uuid} has no CUDA event "
                 "(host backend); use job.wait()"
             )
-        self._gpu.wait_on(self, stream)
+        self._waiter.wait_on(self, stream)
 
     @property
     def event(self) -> int | None:
         """Raw ``cudaEvent_t`` handle (int) recorded after this job's copies, while it is in
         flight (cuda backend); None on the host backend or once the job is complete. The event
         is recycled after completion: prefer :meth:`wait_on`, which cannot race with that."""
-        return None if self._gpu is None else self._gpu.event_of(self)
+        return None if self._waiter is None else self._waiter.event_of(self)
 
     def __repr__(self) -> str:
         state = "running" if not self.done() else ("ok" if self.error is None else f"failed: {self.error}")
@@ -110,6 +118,15 @@ class TransferJob:
         )
 
     # ------------------------------------------------------------------------------ backend side
+
+    def attach(self, state: Any, *, waiter: StreamWaiter | None = None) -> None:
+        """Called by the backend that runs this job (see :mod:`kvsched.transfer.backend`): its own
+        record for the job, kept as :attr:`backend_state` (it may replace it as the job moves on),
+        and, on a backend with CUDA events, itself as the ``waiter`` that :meth:`wait_on` and
+        :attr:`event` ask."""
+        self.backend_state = state
+        if waiter is not None:
+            self._waiter = waiter
 
     def _add_callback(self, fn: Callable[["TransferJob"], None]) -> None:
         self._callbacks.append(fn)

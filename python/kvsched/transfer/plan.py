@@ -243,11 +243,12 @@ class CopyPlan:
 
 def _bases(pool: BlockPool, layers: np.ndarray) -> np.ndarray:
     """``(L, P)`` addresses of block 0 of each piece of each layer."""
-    table = pool._cache.get("plan_bases")
+    cache = pool.transfer_cache
+    table = cache.plan_bases
     if table is None:  # (num_layers, P), computed once per pool
         ptrs = np.asarray(pool.layer_ptrs, dtype=np.int64)
         table = ptrs[:, None] + np.asarray(pool.piece_offsets, dtype=np.int64)[None, :]
-        pool._cache["plan_bases"] = table
+        cache.plan_bases = table
     return table[layers]
 
 
@@ -301,7 +302,8 @@ def _pair_facts(src: Any, dst: Any) -> _PairFacts:
     for name, pool in (("src", src), ("dst", dst)):
         if not isinstance(pool, BlockPool):
             raise TypeError(f"{name} must be a kvsched.BlockPool, got {type(pool).__name__}")
-    table = src._cache.get("plan_pairs")
+    cache = src.transfer_cache
+    table = cache.plan_pairs
     if table is not None:
         hit = table.get(id(dst))
         if hit is not None and hit[0]() is dst:
@@ -321,7 +323,7 @@ def _pair_facts(src: Any, dst: Any) -> _PairFacts:
         raise InvalidArgumentError(f"dtypes differ: src {src.dtype}, dst {dst.dtype}")
     facts = _PairFacts(src, dst)
     if table is None or len(table) >= _PAIR_TABLE_MAX:
-        table = src._cache["plan_pairs"] = {}
+        table = cache.plan_pairs = {}
     table[id(dst)] = (weakref.ref(dst), facts)
     return facts
 
