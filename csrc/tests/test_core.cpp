@@ -276,6 +276,86 @@ void unit_close_and_timeout() {
   s.close();  // idempotent
 }
 
+// Robustness round 2: batches are all or nothing, held halves are bounded, the copy claim.
+void unit_batches_held_and_claims() {
+  Config c;
+  c.removed_memory = 3;
+  Scheduler s(c);
+  s.create_slot("r");
+  s.enqueue("r", U(900), Kind::kLoad, Mode::kScheduled);
+  // A duplicate inside the batch, or of an earlier half, refuses the whole batch.
+  CHECK_THROWS(ErrorCode::kDuplicate, s.enqueue_many("r", {U(901), U(902), U(901)}, Kind::kLoad,
+                                                     Mode::kScheduled));
+  CHECK_THROWS(ErrorCode::kDuplicate,
+               s.enqueue_many("r", {U(901), U(902), U(900)}, Kind::kLoad, Mode::kScheduled));
+  CHECK(s.slot_status("r").expected == 1);
+  s.schedule("other", U(950), 0, Mode::kScheduled);
+  CHECK_THROWS(ErrorCode::kDuplicate,
+               s.schedule_many("r", {U(900), U(950)}, 0, Mode::kScheduled));
+  CHECK_THROWS(ErrorCode::kProtocol,
+               s.schedule_many("r", {U(900)}, 0, Mode::kImmediate));  // halves disagree
+  CHECK(s.slot_status("r").expected == 1);
+  auto hs = s.schedule_many("r", {U(900)}, 0, Mode::kScheduled);
+  CHECK(hs.size() == 1 && hs[0]->load_decision() == Decision::kExecute);
+  // The copy claim: one engine, only while open; the caller cannot mark meanwhile.
+  s.claim_transfer(hs[0]);
+  CHECK_THROWS(ErrorCode::kProtocol, s.claim_transfer(hs[0]));
+  CHECK_THROWS(ErrorCode::kProtocol, s.mark_complete(hs[0], true, {}));
+  s.mark_complete(hs[0], true, {}, /*by_engine=*/true);
+  CHECK_THROWS(ErrorCode::kProtocol, s.claim_transfer(hs[0]));  // ended: nothing copies again
+  // Transfer halves of requests that never get a slot, cancelled: held, at most removed_memory.
+  for (uint64_t i = 0; i < 10; ++i) {
+    const std::string rid = "ghost" + std::to_string(i);
+    s.schedule(rid, U(1000 + i), 0, Mode::kScheduled);
+    s.cancel_slot(rid);
+  }
+  double pending = -1, held = -1, forgotten = -1;
+  for (auto& kv : s.stats()) {
+    if (kv.first == "pending_transfer_halves") pending = kv.second;
+    if (kv.first == "held_cancels") held = kv.second;
+    if (kv.first == "held_forgotten") forgotten = kv.second;
+  }
+  CHECK(pending == 1 && held == 3 && forgotten == 7);  // pending: "other"'s half
+}
+
+// Batches on overlapping uuids from several threads: no deadlock between their shard locks, and
+// every uuid is applied at most once, in whole batches only (run under TSan in CI).
+void unit_batches_from_threads() {
+  Config c;
+  c.max_inflight = 1 << 20;
+  c.join_shards = 4;
+  Scheduler s(c);
+  s.create_slot("r");
+  std::atomic<int> applied{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(t));
+      for (int i = 0; i < 300; ++i) {
+        std::vector<Uuid> batch;
+        std::set<uint64_t> seen;
+        while (batch.size() < 4) {
+          const uint64_t k = rng() % 200;
+          if (seen.insert(k).second) batch.push_back(U(5000 + k));
+        }
+        try {
+          if (t % 2) {
+            s.enqueue_many("r", batch, Kind::kLoad, Mode::kScheduled);
+          } else {
+            for (auto& op : s.schedule_many("r", batch, 0, Mode::kScheduled)) (void)op;
+          }
+          applied.fetch_add(4, std::memory_order_relaxed);
+        } catch (const Error& e) {
+          CHECK(e.code() == ErrorCode::kDuplicate);
+        }
+      }
+    });
+  for (auto& th : threads) th.join();
+  // Each uuid enqueued at most once: expected counts whole applied enqueue batches only.
+  CHECK(s.slot_status("r").expected % 4 == 0);
+  s.close();
+}
+
 int run_unit() {
   unit_join_both_orders();
   unit_gating_and_progress();
@@ -286,6 +366,8 @@ int run_unit() {
   unit_held_cancel_and_rid_memory();
   unit_removed_uuids();
   unit_mark_is_delivery_and_close_drops();
+  unit_batches_held_and_claims();
+  unit_batches_from_threads();
   return kvsched::test::failures();
 }
 
