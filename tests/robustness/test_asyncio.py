@@ -7,8 +7,6 @@ import threading
 import time
 import uuid
 
-import pytest
-
 import kvsched
 from kvsched import Decision, LayerComplete, Scheduler, TransferKind
 
