@@ -124,7 +124,7 @@ auto with_context(const std::string& rid, const Uuid* uuid, F&& f) -> decltype(f
   }
 }
 
-// Converts with the request id named in any error message (SPEC S8).
+// Converts with the request id named in any error message (contract S8, docs/contract.md).
 Uuid to_uuid(py::handle obj, const std::string& rid) {
   return with_context(rid, nullptr, [&] { return to_uuid_impl(obj); });
 }

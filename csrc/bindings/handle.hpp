@@ -11,7 +11,7 @@ using namespace kvsched::core;
 
 namespace {
 
-// The user-facing handle of one operation (SPEC section 3). At most one Handle object exists per
+// The user-facing handle of one operation (contract section 3, docs/contract.md). At most one Handle object exists per
 // op at a time (Op::binding_view), so poll() returns the very object schedule() returned while the
 // caller still holds it.
 class Handle {

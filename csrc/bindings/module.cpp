@@ -28,7 +28,7 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<Handle>(m, "Handle", "A decided-or-pending transfer operation (SPEC section 3).")
+  py::class_<Handle>(m, "Handle", "A decided-or-pending transfer operation (contract section 3).")
       .def_property_readonly("request_id", &Handle::request_id)
       .def_property_readonly("uuid", &Handle::uuid)
       .def_property_readonly("outcome", &Handle::outcome,
@@ -81,7 +81,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("fd", &AsyncNotifier::fd)
       .def("drain", &AsyncNotifier::drain, "Tokens posted since the last drain (never blocks).");
 
-  py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (SPEC section 3).")
+  py::class_<WorkerSide>(m, "WorkerSide", "The worker half of a scheduler (contract section 3).")
       .def("enqueue_many",
            [](WorkerSide& w, py::handle rid, py::handle uuids, py::handle kind, py::handle mode) {
              // All or nothing: values converted here, then the core checks every element before
@@ -202,7 +202,7 @@ PYBIND11_MODULE(_core, m) {
              // schedule() and the Handle object (its view) being created, where close() would
              // see an undelivered EXECUTE op nobody holds and fail it as dropped. Safe: the core
              // never waits for Python, so no thread it joins or wakes needs the GIL to finish;
-             // its one wait (joining the deadline thread, woken first) is short (SPEC S9).
+             // its one wait (joining the deadline thread, woken first) is short (contract S9, docs/contract.md).
              s.sched.close();
            })
       .def_property_readonly("closed",

@@ -1,4 +1,5 @@
-// The scheduler: both sides of SPEC sections 1-3 over the pieces in this directory.
+// The scheduler: both sides of contract sections 1-3 (docs/contract.md) over the pieces in this
+// directory.
 //
 // Contract (progress guarantee of each operation; "short lock" = a mutex held for O(1) or
 // O(ops of one slot) work, never across a wait or a call out)
@@ -29,7 +30,7 @@
 // before any worker half came ("held halves": their rid was cancelled, or they timed out) up to
 // the same bound, oldest forgotten first (stats: held_cancels, held_forgotten); decided-but-
 // untaken handles up to Config::poll_backlog. Not checked: that uuids are globally unique across
-// requests beyond the checks of SPEC S1/S8.
+// requests beyond the checks of contract S1/S8.
 // Fork: a scheduler belongs to the process that created it; in a forked child every call raises
 // ErrorCode::kForked (fork_guard.hpp) and the binding layer never destroys it there.
 #pragma once
