@@ -223,6 +223,11 @@ def test_preemption(engines, mode):
     assert e.preempted, "the scenario should preempt"
     for i, p in enumerate(prompts):
         assert e.outputs[f"p{i}"] == H.expected_output(p, 40)
+    total = H.KvschedConnector.build_kv_connector_stats()
+    for s in e.stats:
+        total.aggregate(H.KvschedConnector.build_kv_connector_stats(s))
+    assert total.data["preemptions"] >= 1  # fenced in handle_preemptions with stores in flight
+    assert total.data["loads_ok"] >= 1  # the preempted request resumed from the tier
     e.assert_empty()
 
 
