@@ -97,3 +97,23 @@ def test_engine_scheduler_attribute_is_deprecated():
     with kvsched.Scheduler() as s, kvsched.TransferEngine(s, backend="host", workers=1) as eng:
         with pytest.warns(DeprecationWarning, match="TransferEngine.scheduler"):
             assert eng.scheduler is s
+
+
+def test_typed_options_are_the_keyword_options():
+    from kvsched import CudaOptions, HostOptions
+
+    with kvsched.Scheduler() as s:
+        with kvsched.TransferEngine(s, backend="host", host=HostOptions(workers=3, split_bytes=1 << 20)) as a:
+            assert a._host.workers == 3 and a._host.split_bytes == 1 << 20
+        with kvsched.TransferEngine(s, backend="host", workers=3, split_bytes=1 << 20) as b:
+            assert b._host.workers == 3 and b._host.split_bytes == 1 << 20
+        with kvsched.TransferEngine(s, backend="host", host=HostOptions()) as c:
+            assert c._host.event_timeout == 60.0 and c._host.split_bytes == 8 << 20
+        with kvsched.TransferEngine(s, backend="host", cuda=CudaOptions(max_stream_ops=8)) as d:
+            assert d.backend == "host"  # cuda options of a host engine are unused, as keywords are
+        with pytest.raises(TypeError, match="workers given both"):
+            kvsched.TransferEngine(s, backend="host", host=HostOptions(workers=2), workers=2)
+        with pytest.raises(TypeError, match="HostOptions"):
+            kvsched.TransferEngine(s, backend="host", host={"workers": 2})
+        with pytest.raises(kvsched.InvalidArgumentError, match="workers"):
+            kvsched.TransferEngine(s, backend="host", host=HostOptions(workers=0))

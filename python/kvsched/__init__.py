@@ -38,7 +38,7 @@ __all__ = [
     "KvschedError", "SlotExistsError", "UnknownSlotError", "SlotBusyError",
     "DuplicateOperationError", "ProtocolError", "HandleDroppedError", "SchedulerClosedError",
     "SchedulerForkedError", "InvalidArgumentError",
-    "BlockPool", "TransferEngine",
+    "BlockPool", "TransferEngine", "HostOptions", "CudaOptions",
 ]
 
 
@@ -49,8 +49,8 @@ def __getattr__(name: str):
         from .pool import BlockPool
 
         return BlockPool
-    if name == "TransferEngine":
-        from .transfer import TransferEngine
+    if name in ("TransferEngine", "HostOptions", "CudaOptions"):
+        from . import transfer
 
-        return TransferEngine
+        return getattr(transfer, name)
     raise AttributeError(f"module 'kvsched' has no attribute {name!r}")

@@ -333,3 +333,17 @@ def test_real_bindings_without_a_driver_fail_cleanly():
         TransferEngine(None, backend="cuda", runtime=rt)
     with pytest.raises(CudaError, match="cudaMallocHost failed"):
         pinned_empty(16, runtime=rt)
+
+
+def test_cuda_options_object_is_the_keyword_options(fake):
+    """``cuda=CudaOptions(...)`` configures the backend as the keywords do; the test seams
+    (``runtime``, ``driver``) stay keywords beside it."""
+    from kvsched.transfer import CudaOptions, TransferEngine
+
+    opts = CudaOptions(max_stream_ops=7, batch=False, batch_chunk=9, auto_pin=False,
+                       poll_interval=(1e-5, 1e-4))
+    with TransferEngine(None, backend="cuda", runtime=fake, cuda=opts) as eng:
+        b = eng._cuda
+        assert (b.max_stream_ops, b.batch_chunk, b.auto_pin, b.batch_enabled) == (7, 9, False, False)
+    with pytest.raises(TypeError, match="batch given both"):
+        TransferEngine(None, backend="cuda", runtime=fake, cuda=opts, batch=True)

@@ -22,9 +22,12 @@ from kvsched.transfer.errors import (
 )
 from kvsched.transfer.host import HostBackend
 from kvsched.transfer.job import TransferJob
+from kvsched.transfer.options import CudaOptions, HostOptions
 
 __all__ = [
     "TransferEngine",
+    "HostOptions",
+    "CudaOptions",
     "TransferJob",
     "HostBackend",
     "CudaBackend",

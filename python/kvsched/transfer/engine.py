@@ -24,22 +24,40 @@ import os
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from kvsched._args import check_int, check_seconds, short_repr
 from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError, SchedulerForkedError
+from kvsched.pool import BlockPool
 from kvsched.protocol import Decision
 from kvsched.transfer.backend import Backend
 from kvsched.transfer.cudart import cuda_available
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.host import HostBackend
 from kvsched.transfer.job import TransferJob
+from kvsched.transfer.options import CudaOptions, HostOptions, as_keywords
 from kvsched.transfer.plan import build_plan
 
 if TYPE_CHECKING:
     from kvsched.transfer.cuda import CudaBackend
 
-__all__ = ["TransferEngine"]
+__all__ = ["TransferEngine", "TransferHandle"]
+
+
+class TransferHandle(Protocol):
+    """What ``submit`` needs of a handle: a ``kvsched.Handle`` (or a
+    ``kvsched.testing.ReferenceHandle``) decided EXECUTE."""
+
+    @property
+    def decision(self) -> Decision | None: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def uuid(self) -> Any: ...
+
+    def mark_complete(self, error: BaseException | str | None = None) -> None: ...
 
 log = logging.getLogger("kvsched")
 
@@ -66,7 +84,8 @@ _CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin",
 class TransferEngine:
     """Runs transfers for handles decided by a scheduler.
 
-    ``TransferEngine(s, backend="auto", *, max_pending=1024, fault_hook=None, **options)``
+    ``TransferEngine(s, backend="auto", *, max_pending=1024, host=None, cuda=None,
+    fault_hook=None, **options)``
 
     * ``s``: the :class:`kvsched.Scheduler` (or ``kvsched.testing.ReferenceScheduler``) whose
       handles are submitted; may be None. The engine needs nothing from it (each handle carries
@@ -77,6 +96,9 @@ class TransferEngine:
       :attr:`backend_reason` why.
     * ``max_pending``: unfinished jobs allowed per backend before ``submit`` raises
       ``TransferQueueFullError``.
+    * ``host``, ``cuda``: a :class:`~kvsched.transfer.HostOptions` /
+      :class:`~kvsched.transfer.CudaOptions` with the options below as typed fields; the same as
+      passing them as keyword arguments (not both for one backend).
     * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
       by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
     * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
@@ -100,12 +122,23 @@ class TransferEngine:
         backend: str = "auto",
         *,
         max_pending: int = 1024,
+        host: HostOptions | None = None,
+        cuda: CudaOptions | None = None,
         fault_hook: Callable[[TransferJob], None] | None = None,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(_HOST_OPTIONS) - set(_CUDA_OPTIONS)
         if unknown:
             raise TypeError(f"unknown TransferEngine option(s): {', '.join(sorted(unknown))}")
+        for name, typed, kind in (("host", host, HostOptions), ("cuda", cuda, CudaOptions)):
+            given = as_keywords(typed, kind, name)
+            twice = sorted(k for k in given if k in options)
+            if twice:
+                raise TypeError(
+                    f"{', '.join(twice)} given both as keyword(s) and in {name}={kind.__name__}(...); "
+                    "give each option one way"
+                )
+            options.update(given)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str, not {type(backend).__name__}")
         if backend not in ("auto", "host", "cuda"):
@@ -166,11 +199,11 @@ class TransferEngine:
 
     def submit(
         self,
-        h: Any,
-        src: Any,
-        dst: Any,
+        h: TransferHandle,
+        src: BlockPool,
+        dst: BlockPool,
         pairs: Any,
-        layers: Any = None,
+        layers: Sequence[int] | None = None,
         *,
         compute_event: Any = None,
         wait_event: Any = None,
@@ -181,7 +214,8 @@ class TransferEngine:
         Never blocks on the copy. Raises before anything is copied when ``h`` is not decided
         EXECUTE (``ProtocolError``), on bad ids, mismatched pools or layers out of range
         (``InvalidArgumentError``, a ``ValueError``; ``TypeError`` for wrong types), or when the
-        engine is full (``TransferQueueFullError``) or closed. On the cuda backend,
+        engine is full (``TransferQueueFullError``) or closed. ``pairs``: an integer array (N, 2),
+        or a list of (src, dst) pairs. On the cuda backend,
         ``compute_event`` / ``wait_event`` (a CUDA event or a list of them) are waited on by the
         copy stream before it copies: pass the compute stream's event recorded after the layer
         wrote the blocks (store) or after its last read of blocks being reused (load). Returns the
