@@ -65,8 +65,11 @@ if [[ -n "${WHEELS:-}" && -d "$WHEELS" ]]; then
 fi
 step build 150 $PY -m pip install --no-build-isolation --no-deps --no-index -v .
 # From here on `kvsched` is the installed package (python/ is not on sys.path).
-step import 20 bash -c "cd /tmp && $PY -c 'import kvsched, kvsched._core, kvsched.transfer.engine; print(kvsched.__file__)'"
+step import 20 bash -c "cd /tmp && $PY -c 'import kvsched, kvsched._core, kvsched._bench, kvsched.transfer.engine; print(kvsched.__file__)'"
 step cuda_tests 100 $PY -m pytest tests/transfer -m gpu -v -rs -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml"
+# The offload worker (the vLLM connector's engine-independent part) on torch CUDA tensors with the
+# cuda backend: gated stores, layerwise loads waited on by the stream, byte-exact (no vLLM needed).
+step offload_gpu 120 $PY -m pytest -q -rs -p no:cacheprovider tests/offload/test_gpu_worker.py
 step transfer_bench_cuda 75 $PY bench/transfer_bench.py --backend cuda --sizes 4K,8K,16K,32K,64K,256K,2M \
   --total 64M --repeats 5 --json "$OUT/transfer_bench_cuda.json"
 step bench_cuda 90 $PY -m kvsched.bench --backend cuda --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"

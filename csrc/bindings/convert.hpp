@@ -29,7 +29,7 @@ struct PyRefs {
   py::object enum_base, transfer_kind_cls, request_mode_cls;
   py::object layer_complete, layer_name_complete, iteration_complete;
   py::object decision_execute, decision_cancel;
-  py::object on_dropped;  // kvsched.scheduler._log_dropped
+  py::object on_dropped;  // kvsched._logging.log_dropped
   std::unordered_map<int, py::object> errors;
 };
 

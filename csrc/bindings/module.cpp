@@ -141,6 +141,14 @@ PYBIND11_MODULE(_core, m) {
              const bool bounded = to_timeout(timeout, &seconds);
              const auto end = bounded ? deadline_after(seconds) : Clock::time_point::max();
              std::vector<OpPtr> ops;
+             if (bounded && seconds == 0) {
+               // A non-blocking try: nothing waits, so the GIL stays held (releasing and taking
+               // it back cost more than the try itself).
+               ops = t.s->sched.poll(static_cast<size_t>(n), Clock::time_point::min());
+               py::list out;
+               for (auto& op : ops) out.append(Handle::wrap(t.s, op, /*has_view=*/true));
+               return out;
+             }
              for (;;) {
                const auto slice = std::min(end, Clock::now() + std::chrono::milliseconds(50));
                {

@@ -80,6 +80,9 @@ class PollQueue {
         }
       }
       if (!out.empty() || max_items == 0) return out;
+      // A deadline already passed (poll(timeout=0), the executor's non-blocking try) returns at
+      // once, without a condition-variable call.
+      if (Clock::now() >= deadline) return out;
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
         if (queue_.empty()) return out;
       }

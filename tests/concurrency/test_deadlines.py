@@ -93,12 +93,16 @@ def test_deadlines_expire_mid_flight(impl):
                 assert waited < TIMEOUT + 1.0, f"deadline fired after {waited:.2f} s"
             time.sleep(0.01)
 
+    forward = threading.Lock()  # two threads take turns as the forward pass (one at a time, as
+    # an engine's forward thread; interleaved marks would be out of order by construction)
+
     def progress():
         while not stop.is_set():
-            w.start_next_iteration()
-            w.mark_layer_complete(0)
-            w.mark_layer_complete(1)
-            w.mark_iteration_complete()
+            with forward:
+                w.start_next_iteration()
+                w.mark_layer_complete(0)
+                w.mark_layer_complete(1)
+                w.mark_iteration_complete()
             time.sleep(0.005)
 
     ths = [threading.Thread(daemon=True, target=guard(holder), name="H")]
