@@ -514,3 +514,75 @@ def test_host_transfer_bench_checks_its_own_copy(monkeypatch):
     monkeypatch.setattr(host, "_copy", lambda plan, part: None)
     with pytest.raises(RuntimeError, match="not byte-exact"):
         bench.run_transfer_bench(backend="host", block_sizes=[4096], total_bytes=1 << 18, repeats=1)
+
+
+# -- inline_bytes: small jobs copied on the submitting thread ------------------------------------
+
+
+def _inline_setup(inline_bytes, **kw):
+    import uuid as _uuid
+
+    import numpy as _np
+
+    import kvsched as _k
+
+    s = _k.Scheduler()
+    a = _np.arange(2 * 8 * 64, dtype=_np.uint8).reshape(2, 8, 64)
+    b = _np.zeros_like(a)
+    eng = _k.TransferEngine(s, backend="host", inline_bytes=inline_bytes, **kw)
+
+    def handle():
+        try:
+            s.worker.create_slot("r")
+        except _k.SlotExistsError:
+            pass
+        u = _uuid.uuid4()
+        s.worker.enqueue("r", u, _k.TransferKind.STORE)
+        h = s.transfer.schedule("r", u)
+        assert h.wait(1.0) == _k.Decision.EXECUTE
+        return h
+
+    return s, eng, a, b, _k.BlockPool.from_array(a), _k.BlockPool.from_array(b), handle
+
+
+def test_inline_small_job_is_done_when_submit_returns():
+    s, eng, a, b, pa, pb, handle = _inline_setup(1 << 10)
+    h = handle()
+    job = eng.submit(h, pa, pb, pairs=[(0, 1), (2, 3)])
+    assert job.done() and job.ok and h.outcome == "completed"  # no thread involved
+    assert (b[:, 1] == a[:, 0]).all() and (b[:, 3] == a[:, 2]).all()
+    assert eng.stats()["completed"] == 1 and eng.pending == 0
+    eng.close(5.0)
+    s.close()
+
+
+def test_inline_never_for_big_jobs_events_or_fault_hooks():
+    import threading
+
+    s, eng, a, b, pa, pb, handle = _inline_setup(64)  # one 64-byte block per layer: 128 bytes
+    gate = threading.Event()
+    h = handle()
+    job = eng.submit(h, pa, pb, pairs=[(0, 1)], compute_event=gate)  # an event: a worker waits
+    assert not job.done()
+    gate.set()
+    assert job.wait(5.0) and job.ok
+    h2 = handle()
+    job2 = eng.submit(h2, pa, pb, pairs=[(0, 2)], layers=[0])  # 64 bytes, no event: inline
+    assert job2.done()
+    eng.close(5.0)
+    hooked = []
+    s2, eng2, _, _, pa2, pb2, handle2 = _inline_setup(1 << 20, fault_hook=hooked.append)
+    assert eng2.submit(handle2(), pa2, pb2, pairs=[(0, 1)]).wait(5.0)
+    assert len(hooked) == 1  # the test seam runs on a worker thread, as always
+    eng2.close(5.0)
+    s.close()
+    s2.close()
+
+
+def test_inline_bytes_is_range_checked():
+    import kvsched as _k
+
+    with pytest.raises(_k.InvalidArgumentError, match="inline_bytes"):
+        _k.TransferEngine(None, backend="host", inline_bytes=-1)
+    with pytest.raises(TypeError, match="inline_bytes"):
+        _k.TransferEngine(None, backend="host", inline_bytes=1.5)

@@ -63,7 +63,7 @@ log = logging.getLogger("kvsched")
 
 _EXECUTE = Decision.EXECUTE
 
-_HOST_OPTIONS = ("workers", "split_bytes", "event_timeout")
+_HOST_OPTIONS = ("workers", "split_bytes", "event_timeout", "inline_bytes")
 
 # Bumped in every forked child (os.register_at_fork): an engine made in another generation was
 # inherited, and its worker threads, streams and queues are not in this process.
@@ -100,7 +100,9 @@ class TransferEngine:
       :class:`~kvsched.transfer.CudaOptions` with the options below as typed fields; the same as
       passing them as keyword arguments (not both for one backend).
     * host options: ``workers`` (default min(4, CPUs)), ``split_bytes`` (jobs above this are split
-      by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event).
+      by layer over the workers), ``event_timeout`` (seconds a worker waits for a host event),
+      ``inline_bytes`` (jobs up to this size with no event are copied on the caller's thread;
+      default 0: never).
     * cuda options: ``device`` (default: current), ``max_stream_ops`` (queued operations per copy
       stream, default 512), ``batch`` ("auto"; True or "on" to require batched copies; False or
       "off" for one cudaMemcpyAsync per copy; "driver" or "bindings" to require one way of
@@ -392,7 +394,8 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
     """Integer and duration options range-checked here, before any thread or stream is made (a
     ``workers=2**63`` would otherwise start threads until memory runs out)."""
     out = dict(options)
-    ints = {"workers": (1, 1024), "split_bytes": (0, 2**62), "max_stream_ops": (1, 2**31 - 1),
+    ints = {"workers": (1, 1024), "split_bytes": (0, 2**62), "inline_bytes": (0, 2**62),
+            "max_stream_ops": (1, 2**31 - 1),
             "batch_chunk": (1, 2**31 - 1), "device": (0, 2**31 - 1)}
     for name, (lo, hi) in ints.items():
         if name not in out or (out[name] is None and name in ("workers", "device")):

@@ -25,6 +25,9 @@ class HostOptions:
     split_bytes: int = 8 << 20
     #: seconds a worker waits for a host event given as ``compute_event``/``wait_event``
     event_timeout: float = 60.0
+    #: jobs of at most this many bytes with no event to wait for are copied on the submitting
+    #: thread (cheaper than waking a copy thread); 0: never
+    inline_bytes: int = 0
 
 
 @dataclass(frozen=True)
