@@ -1,6 +1,6 @@
 """kvsched's vLLM connector beside vLLM's own OffloadingConnector, same trace, same harness.
 
-Both connectors run inside vLLM's real scheduler (``tests/vllm/harness.py``: workers on CPU
+Both connectors run inside vLLM's real scheduler (``kvsched/vllm/harness.py``: workers on CPU
 tensors laid out by vLLM, called in the model runner's order) on one request trace, one after
 the other in one run, and the script reports for each:
 
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "vllm"))
 try:
     from importlib.metadata import version as _version
 
@@ -49,7 +47,7 @@ import torch  # noqa: E402
 from vllm.v1.kv_offload.base import OffloadingWorker, TransferResult  # noqa: E402
 from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec  # noqa: E402
 
-import harness as H  # noqa: E402
+from kvsched.vllm import harness as H  # noqa: E402
 
 # A model whose block (all layers) is a multiple of vLLM's host-region alignment, so both tiers
 # hold the same number of blocks for the same bytes.

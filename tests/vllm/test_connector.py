@@ -1,6 +1,6 @@
 """KvschedConnector inside vLLM's real scheduler, workers on CPU tensors in vLLM's layouts.
 
-Each test drives ``vllm.v1.core.sched.scheduler.Scheduler`` through :class:`harness.Engine`
+Each test drives ``vllm.v1.core.sched.scheduler.Scheduler`` through :class:`kvsched.vllm.harness.Engine`
 (see its docstring): every worker checks before each forward that the KV of every earlier
 position holds what the deterministic model wrote, so a wrong or missing load fails the test,
 and outputs are compared with the model's expected tokens.
@@ -19,7 +19,7 @@ if os.environ.get("KVSCHED_REQUIRE_VLLM"):  # CI's vLLM environment: a missing v
 pytest.importorskip("torch", reason='the vLLM connector tests need torch and vLLM: pip install "kvsched[vllm]"')
 pytest.importorskip("vllm", reason='vLLM is not installed: pip install "kvsched[vllm]" (CI builds a CPU vLLM env)')
 
-import harness as H  # noqa: E402
+from kvsched.vllm import harness as H  # noqa: E402
 from kvsched.errors import InvalidArgumentError  # noqa: E402
 
 MODES = ["async", "layerwise"]

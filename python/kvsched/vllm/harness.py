@@ -1,5 +1,10 @@
 """Drive vLLM's real scheduler with kvsched's connector on CPU tensors (no GPU, no model).
 
+A testing tool, shipped so that engine developers can exercise the connector (or compare it with
+another connector) in vLLM's own scheduler on any machine: kvsched's tests (``tests/vllm``) and
+``bench/vllm_compare.py`` use it. Importing it imports vLLM and sets ``HF_HUB_OFFLINE=1`` (it
+writes its tiny model config locally); ``import kvsched.vllm`` alone never imports it.
+
 ``Engine`` plays vLLM's engine core and model runner for one scheduler and ``tp`` workers:
 
 * the scheduler is ``vllm.v1.core.sched.scheduler.Scheduler`` with a local model config (no
