@@ -85,7 +85,8 @@ bool utf8_of(PyObject* o, std::string* out) {
   return true;
 }
 
-// Text for a message, from any str: lone surrogates become \udXXX escapes; never fails.
+// Text for a message, from any str: a lone surrogate becomes an escape such as \ud800; never
+// fails.
 std::string message_text(PyObject* o) {
   std::string out;
   if (utf8_of(o, &out)) return out;

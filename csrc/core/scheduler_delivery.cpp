@@ -10,6 +10,19 @@ namespace kvsched::core {
 
 using namespace detail;
 
+namespace {
+
+// Marks and copy claims need an op decided EXECUTE: ProtocolError (naming what was attempted)
+// for an undecided or cancelled one.
+void require_execute(const Op& op, const char* if_undecided, const char* if_cancelled) {
+  const Decision d = op.load_decision();
+  if (d != Decision::kExecute)
+    fail(ErrorCode::kProtocol, op.rid, &op.uuid,
+         d == Decision::kNone ? if_undecided : if_cancelled);
+}
+
+}  // namespace
+
 Decision Scheduler::wait_decision(const OpPtr& op, Clock::time_point deadline) {
   Decision d = op->load_decision();
   if (d != Decision::kNone || closed()) return d;
@@ -36,11 +49,8 @@ bool Scheduler::deliver(const OpPtr& op) {
 void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error,
                               bool by_engine) {
   check_not_inherited();
-  const Decision d = op->load_decision();
-  if (d != Decision::kExecute)
-    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
-         d == Decision::kNone ? "mark_complete on an undecided handle"
-                              : "mark_complete on a handle decided CANCEL");
+  require_execute(*op, "mark_complete on an undecided handle",
+                  "mark_complete on a handle decided CANCEL");
   if (!by_engine) {
     uint8_t free_marker = Op::kMarkerFree;
     // order: acq_rel — one CAS against claim_transfer(): either the engine owns the op (and we
@@ -65,21 +75,20 @@ void Scheduler::mark_complete(const OpPtr& op, bool ok, const std::string& error
 
 void Scheduler::claim_transfer(const OpPtr& op) {
   check_not_inherited();
-  const Decision d = op->load_decision();
-  if (d != Decision::kExecute)
-    fail(ErrorCode::kProtocol, op->rid, &op->uuid,
-         d == Decision::kNone ? "only an EXECUTE handle can be submitted, this one is undecided"
-                              : "only an EXECUTE handle can be submitted, this one is CANCEL");
+  require_execute(*op, "only an EXECUTE handle can be submitted, this one is undecided",
+                  "only an EXECUTE handle can be submitted, this one is CANCEL");
   uint8_t free_marker = Op::kMarkerFree;
   // order: acq_rel — see mark_complete(): the one CAS that orders an engine's claim against a
   // caller's mark.
   if (!op->marker.compare_exchange_strong(free_marker, Op::kMarkerEngine,
                                           std::memory_order_acq_rel)) {
     fail(ErrorCode::kProtocol, op->rid, &op->uuid,
-         free_marker == Op::kMarkerEngine
+         free_marker != Op::kMarkerEngine
+             ? "the operation has been marked (it ended, its blocks may belong to another request "
+               "now); nothing copied"
+         : op->load_outcome() == Outcome::kOpen
              ? "already submitted to a TransferEngine (its copy runs once; nothing copied again)"
-             : "the operation has been marked (it ended, its blocks may belong to another request "
-               "now); nothing copied");
+             : "the operation has ended (its copy completed or failed); nothing copied again");
   }
   // A handle dropped or failed by close() before any mark (outcome no longer open) is refused too.
   if (op->load_outcome() != Outcome::kOpen) {

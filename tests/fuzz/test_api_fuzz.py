@@ -1482,7 +1482,9 @@ def test_constructors(data):
         finally:
             world.close()
         return []
-    report_findings("constructor", isolated(run))
+    findings = isolated(run)
+    report_findings("constructor", findings)
+    assert not findings
 
 
 DURATIONS = [1e-10, 5e-324, 1e10, 1e30, float("inf"), 9.2e9, 9.3e9, 2**63, 10**400,
@@ -1628,6 +1630,16 @@ def _check_fork(status, lines, what):
     assert status == 0 and not fails, f"{what}: child exit {status}: {fails}"
 
 
+def _fork_case(objs: dict, child, what: str) -> None:
+    """Run ``child`` in a forked child, close the parent's objects whatever happened, and check
+    the child's report."""
+    try:
+        status, lines = run_in_fork(child)
+    finally:
+        _parent_close(objs)
+    _check_fork(status, lines, what)
+
+
 def _child_call(report, name, fn, limit=2.0, fork_error=True):
     """In a child: one call on inherited objects, reported before and after; it must end within
     ``limit`` and (``fork_error``) raise a KvschedError that says "fork"."""
@@ -1707,11 +1719,7 @@ def test_fork_child_calls_on_inherited_objects():
         c("close", s.close, fork_error=False)
         assert not failures, "; ".join(failures)
 
-    try:
-        status, lines = run_in_fork(child)
-    finally:
-        _parent_close(objs)
-    _check_fork(status, lines, "calls on an inherited scheduler and engine")
+    _fork_case(objs, child, "calls on an inherited scheduler and engine")
 
 
 @needs_fork
@@ -1726,11 +1734,7 @@ def test_fork_child_drops_inherited_scheduler():
         gc.collect()
         report("  dropped")
 
-    try:
-        status, lines = run_in_fork(child)
-    finally:
-        _parent_close(objs)
-    _check_fork(status, lines, "dropping an inherited scheduler")
+    _fork_case(objs, child, "dropping an inherited scheduler")
 
 
 @needs_fork
@@ -1745,11 +1749,7 @@ def test_fork_child_engine_submit_then_close():
                     lambda: eng.submit(objs["ready"], objs["src"], objs["dst"], [(0, 1)], None))
         _child_call(report, "engine.close()", eng.close, limit=5.0, fork_error=False)
 
-    try:
-        status, lines = run_in_fork(child)
-    finally:
-        _parent_close(objs)
-    _check_fork(status, lines, "submit then close() on an inherited engine")
+    _fork_case(objs, child, "submit then close() on an inherited engine")
 
 
 @needs_fork
@@ -1778,11 +1778,7 @@ def test_fork_child_new_objects_work():
             assert late.wait(3) is CANCEL, "op_timeout did not fire in the child"
         report("  new objects work")
 
-    try:
-        status, lines = run_in_fork(child)
-    finally:
-        _parent_close(objs)
-    _check_fork(status, lines, "new objects in a forked child")
+    _fork_case(objs, child, "new objects in a forked child")
 
 
 FORK_EXIT_SCRIPT = textwrap.dedent("""
