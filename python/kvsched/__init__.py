@@ -38,7 +38,7 @@ __all__ = [
     "KvschedError", "SlotExistsError", "UnknownSlotError", "SlotBusyError",
     "DuplicateOperationError", "ProtocolError", "HandleDroppedError", "SchedulerClosedError",
     "SchedulerForkedError", "InvalidArgumentError",
-    "BlockPool", "TransferEngine", "HostOptions", "CudaOptions",
+    "BlockPool", "TransferEngine", "HostOptions", "CudaOptions", "NixlOptions", "RemotePool",
 ]
 
 
@@ -49,7 +49,7 @@ def __getattr__(name: str):
         from .pool import BlockPool
 
         return BlockPool
-    if name in ("TransferEngine", "HostOptions", "CudaOptions"):
+    if name in ("TransferEngine", "HostOptions", "CudaOptions", "NixlOptions", "RemotePool"):
         from . import transfer
 
         return getattr(transfer, name)

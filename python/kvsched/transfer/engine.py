@@ -6,10 +6,11 @@ everything first (the handle is decided EXECUTE, block ids are in range, the poo
 layers exist), then hands the job to a backend and returns at once; the backend marks the handle
 complete when the bytes have landed, or failed with the reason.
 
-Backends: ``"host"`` (numpy on worker threads; CPU-only machines) and ``"cuda"`` (copy streams,
-events and one reaper thread; see :mod:`kvsched.transfer.cuda`). ``"auto"`` picks cuda when
-cuda-python imports and a device is usable, else host, and logs why on the ``kvsched`` logger.
-A cuda engine still runs host-to-host jobs, on an internal host backend.
+Backends: ``"host"`` (numpy on worker threads; CPU-only machines), ``"cuda"`` (copy streams,
+events and one reaper thread; see :mod:`kvsched.transfer.cuda`) and ``"nixl"`` (transfers to and
+from a peer's pools through a NIXL agent; see :mod:`kvsched.transfer.nixl`). ``"auto"`` picks cuda
+when cuda-python imports and a device is usable, else host, and logs why on the ``kvsched`` logger.
+A cuda or nixl engine still runs host-to-host jobs, on an internal host backend.
 
 Backpressure policy: submission never blocks. When ``max_pending`` jobs are unfinished (or, on
 cuda, a copy stream's queue budget is used up), ``submit`` raises
@@ -35,11 +36,13 @@ from kvsched.transfer.cudart import cuda_available
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.host import HostBackend
 from kvsched.transfer.job import TransferJob
-from kvsched.transfer.options import CudaOptions, HostOptions, as_keywords
+from kvsched.transfer.options import CudaOptions, HostOptions, NixlOptions, as_keywords
 from kvsched.transfer.plan import build_plan
+from kvsched.transfer.remote import RemotePool
 
 if TYPE_CHECKING:
     from kvsched.transfer.cuda import CudaBackend
+    from kvsched.transfer.nixl import NixlBackend
 
 __all__ = ["TransferEngine", "TransferHandle"]
 
@@ -77,8 +80,10 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-_CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "runtime",
-                 "driver")
+_CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "sm_copy",
+                 "sm_ctas", "calibration", "runtime", "driver")
+# NixlOptions' poll_interval is given only through nixl=NixlOptions(...): the keyword is the cuda one.
+_NIXL_OPTIONS = ("agent_name", "listen_port", "transfer_timeout", "remote_timeout", "max_early_notifications")
 
 
 class TransferEngine:
@@ -108,7 +113,8 @@ class TransferEngine:
       "off" for one cudaMemcpyAsync per copy; "driver" or "bindings" to require one way of
       batching; see :mod:`kvsched.transfer.cuda`),
       ``batch_chunk`` (most copies per batch call), ``auto_pin`` (page-lock host pools on first
-      use), ``poll_interval`` ((min, max) seconds between reaper polls).
+      use), ``poll_interval`` ((min, max) seconds between reaper polls), ``sm_copy``, ``sm_ctas``
+      and ``calibration`` (the SM copy path and the per-job path choice; docs/gpu_copies.md).
 
     Test seams (for kvsched's own tests and fault injection; production code leaves them unset):
 
@@ -126,12 +132,20 @@ class TransferEngine:
         max_pending: int = 1024,
         host: HostOptions | None = None,
         cuda: CudaOptions | None = None,
+        nixl: NixlOptions | None = None,
         fault_hook: Callable[[TransferJob], None] | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - set(_HOST_OPTIONS) - set(_CUDA_OPTIONS)
+        unknown = set(options) - set(_HOST_OPTIONS) - set(_CUDA_OPTIONS) - set(_NIXL_OPTIONS)
         if unknown:
             raise TypeError(f"unknown TransferEngine option(s): {', '.join(sorted(unknown))}")
+        nixl_options = as_keywords(nixl, NixlOptions, "nixl")
+        twice = sorted(k for k in nixl_options if k in options)
+        if twice:
+            raise TypeError(
+                f"{', '.join(twice)} given both as keyword(s) and in nixl=NixlOptions(...); give each option one way"
+            )
+        nixl_options.update({k: options.pop(k) for k in _NIXL_OPTIONS if k in options})
         for name, typed, kind in (("host", host, HostOptions), ("cuda", cuda, CudaOptions)):
             given = as_keywords(typed, kind, name)
             twice = sorted(k for k in given if k in options)
@@ -143,14 +157,17 @@ class TransferEngine:
             options.update(given)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str, not {type(backend).__name__}")
-        if backend not in ("auto", "host", "cuda"):
+        if backend not in ("auto", "host", "cuda", "nixl"):
             raise InvalidArgumentError(
-                f"backend must be 'auto', 'host' or 'cuda', got {short_repr(backend)}"
+                f"backend must be 'auto', 'host', 'cuda' or 'nixl', got {short_repr(backend)}"
             )
+        if nixl_options and backend != "nixl":
+            raise TypeError(f"NIXL option(s) {', '.join(sorted(nixl_options))} need backend='nixl'")
         max_pending = check_int("max_pending", max_pending, 1, 2**31 - 1)
         if fault_hook is not None and not callable(fault_hook):
             raise TypeError(f"fault_hook must be callable or None, not {type(fault_hook).__name__}")
         options = _checked_options(options)
+        nixl_options = _checked_nixl_options(nixl_options)
         self._scheduler = scheduler
         self._generation = _fork_generation
         self._pid = os.getpid()
@@ -161,6 +178,7 @@ class TransferEngine:
 
         self._cuda: CudaBackend | None = None
         self._host: HostBackend | None = None
+        self._nixl: NixlBackend | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._inflight: set[Any] = set()
@@ -168,6 +186,11 @@ class TransferEngine:
 
         if backend == "host":
             self.backend, self.backend_reason = "host", "requested"
+        elif backend == "nixl":
+            from kvsched.transfer.nixl import NixlBackend  # imports NIXL, with an install hint if absent
+
+            self._nixl = NixlBackend(max_pending=max_pending, fault_hook=fault_hook, **nixl_options)
+            self.backend, self.backend_reason = "nixl", f"requested (agent {self._nixl.agent_name!r})"
         else:
             usable, reason = cuda_available(options.get("runtime"))
             if usable:
@@ -182,7 +205,7 @@ class TransferEngine:
         if self.backend == "host":
             self._host = HostBackend(**self._host_options)
         log.info("kvsched: TransferEngine backend=%s (%s)", self.backend, self.backend_reason)
-        self._backends: list[Backend] = [b for b in (self._cuda, self._host) if b is not None]
+        self._backends: list[Backend] = [b for b in (self._nixl, self._cuda, self._host) if b is not None]
         self._finalizer = weakref.finalize(self, _abandon, self._backends, self._generation)
 
     @property
@@ -243,7 +266,16 @@ class TransferEngine:
         except TypeError as exc:
             raise TypeError(f"request {rid!r} op {uid}: {exc}") from None
         kind = plan.kind
-        backend = self._host if kind == "h2h" and self._host is not None else self._backend_for(kind, rid, uid)
+        if isinstance(plan.src, RemotePool) or isinstance(plan.dst, RemotePool):
+            if self._nixl is None:
+                raise InvalidArgumentError(
+                    f"request {rid!r} op {uid}: a remote pool needs backend='nixl' (this engine is {self.backend})"
+                )
+            backend: Any = self._nixl
+        elif kind == "h2h" and self._host is not None:
+            backend = self._host
+        else:
+            backend = self._backend_for(kind, rid, uid)
 
         key = uid if uid is not None else id(h)
         inflight, stats = self._inflight, self._stats
@@ -306,6 +338,115 @@ class TransferEngine:
             else:
                 self._stats["failed"] += 1
 
+    # ------------------------------------------------------------------------------ peers (nixl)
+
+    def _nixl_backend(self, what: str) -> NixlBackend:
+        if self._generation != _fork_generation:
+            self._raise_forked(what)
+        if self._closed:
+            raise TransferEngineClosedError(f"{what} after close()")
+        if self._nixl is None:
+            raise KvschedError(f"{what} needs backend='nixl' (this engine is {self.backend})")
+        return self._nixl
+
+    @property
+    def agent_name(self) -> str:
+        """This engine's NIXL agent name (nixl backend)."""
+        return self._nixl_backend("agent_name").agent_name
+
+    def export_pool(self, pool: BlockPool, *, with_metadata: bool = True) -> bytes:
+        """Register local ``pool`` with this engine's NIXL agent and describe it for a peer: bytes
+        to ship over the serving engine's own channel, turned into a remote pool there by
+        :meth:`import_pool`. With ``with_metadata`` (default) the bytes also carry this agent's
+        metadata, so one message is all a peer needs."""
+        return self._nixl_backend("export_pool").export_pool(pool, with_metadata=with_metadata)
+
+    def import_pool(self, description: bytes) -> RemotePool:
+        """A peer's pool from its :meth:`export_pool` bytes (parsed as untrusted input: anything
+        malformed raises ``InvalidArgumentError``). Use it as ``src`` (a NIXL READ) or ``dst`` (a
+        WRITE) of :meth:`submit`; block ids are bounds-checked against it before any transfer."""
+        return self._nixl_backend("import_pool").import_pool(description)
+
+    def metadata(self) -> bytes:
+        """This agent's NIXL metadata, for a peer's :meth:`add_peer`."""
+        return self._nixl_backend("metadata").metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's agent metadata (from its :meth:`metadata`); returns the peer's name."""
+        return self._nixl_backend("add_peer").add_peer(metadata)
+
+    def connect(self, peer: str, host: str, port: int, *, timeout: float = 10.0) -> None:
+        """Exchange metadata with ``peer`` through its NIXL listener (an engine made with
+        ``listen_port``) at ``host:port``; both sides then know each other. For simple setups:
+        pools then travel as notifications (:meth:`send_pool` / :meth:`receive_pool`)."""
+        if not isinstance(peer, str) or not isinstance(host, str):
+            raise TypeError("peer and host must be str")
+        port = check_int("port", port, 1, 65535)
+        timeout = check_seconds("timeout", timeout, 0.0)
+        self._nixl_backend("connect").connect(peer, host, port, timeout)
+
+    def send_pool(self, peer: str, pool: BlockPool) -> None:
+        """Send ``pool``'s description to a connected ``peer`` (it calls :meth:`receive_pool`)."""
+        self._nixl_backend("send_pool").send_pool(peer, pool)
+
+    def receive_pool(self, peer: str, *, timeout: float = 10.0) -> RemotePool:
+        """The next pool ``peer`` sent with :meth:`send_pool`, imported; waits up to ``timeout``."""
+        timeout = check_seconds("timeout", timeout, 0.0)
+        return self._nixl_backend("receive_pool").receive_pool(peer, timeout)
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop a peer's metadata (NIXL disconnects); its remote pools can no longer be used."""
+        self._nixl_backend("forget_peer").forget_peer(peer)
+
+    def expect_remote(self, h: TransferHandle, *, peer: str | None = None,
+                      timeout: float | None = None) -> TransferJob:
+        """The other side of a peer's transfer: mark ``h`` (decided EXECUTE, with the same uuid as
+        the peer's operation) complete when the peer's notification says its transfer into or out
+        of this side's blocks ended, failed when it says it failed, and failed after ``timeout``
+        seconds (default: the engine's ``remote_timeout``) with no word, so a peer that died
+        never leaves the operation open. ``peer``: accept the notification only from that agent.
+        While expected, the handle is the engine's (the caller's ``mark_complete`` raises), as
+        for :meth:`submit`. Returns a :class:`TransferJob` (kind ``"remote"``, no bytes of its own)."""
+        nixl = self._nixl_backend("expect_remote")
+        rid, uid = getattr(h, "request_id", None), getattr(h, "uuid", None)
+        if peer is not None and not isinstance(peer, str):
+            raise TypeError(f"peer must be a str or None, not {type(peer).__name__}")
+        wait_s = nixl.remote_timeout if timeout is None else check_seconds("timeout", timeout, 0.0)
+        if not callable(getattr(h, "mark_complete", None)):
+            raise TypeError(f"h must be a scheduler handle with mark_complete(), got {type(h).__name__}")
+        decision = h.decision
+        if decision is not _EXECUTE and decision != _EXECUTE:
+            state = "undecided" if decision is None else f"decided {getattr(decision, 'name', decision)}"
+            raise ProtocolError(
+                f"request {rid!r} op {uid}: only an EXECUTE handle can be expected, this one is {state}"
+            )
+        key = uid if uid is not None else id(h)
+        with self._lock:
+            if key in self._inflight:
+                raise ProtocolError(f"request {rid!r} op {uid} is already being transferred or expected")
+            claim = getattr(h, "_claim_transfer", None)
+            if claim is not None:
+                claim()
+            elif getattr(h, "outcome", "open") not in ("open", None):
+                raise ProtocolError(f"request {rid!r} op {uid} has ended ({h.outcome})")
+            self._inflight.add(key)
+            self._stats["submitted"] += 1
+        from kvsched.transfer.nixl import REMOTE_PLAN
+
+        job = TransferJob(h, REMOTE_PLAN, "remote")
+        job._add_callback(lambda j, key=key: self._on_finished(j, key))
+        try:
+            nixl.expect(job, peer, wait_s)
+        except BaseException:
+            with self._lock:
+                self._inflight.discard(key)
+                self._stats["submitted"] -= 1
+            release = getattr(h, "_release_transfer_claim", None)
+            if release is not None:
+                release()
+            raise
+        return job
+
     # ------------------------------------------------------------------------------ state
 
     @property
@@ -313,7 +454,7 @@ class TransferEngine:
         """Jobs submitted and not finished."""
         if self._generation != _fork_generation:
             self._raise_forked("pending")
-        return sum(b.pending for b in (self._cuda, self._host) if b is not None)
+        return sum(b.pending for b in (self._nixl, self._cuda, self._host) if b is not None)
 
     def stream(self, kind: str) -> int:
         """Raw handle of the cuda backend's copy stream for ``kind`` ("h2d", "d2h", "d2d")."""
@@ -337,6 +478,8 @@ class TransferEngine:
             out["batched"] = self._cuda.batch_enabled
             out["batch_mode"] = self._cuda.batch_mode
             out["batch_reason"] = self._cuda.batch_reason
+        if self._nixl is not None:
+            out["nixl"] = self._nixl.stats()
         return out
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -344,7 +487,7 @@ class TransferEngine:
         if self._generation != _fork_generation:
             self._raise_forked("wait_idle")
         ok = True
-        for b in (self._cuda, self._host):
+        for b in (self._nixl, self._cuda, self._host):
             if b is not None:
                 ok = b.wait_idle(timeout) and ok
         return ok
@@ -371,7 +514,7 @@ class TransferEngine:
             self._finalizer.detach()
             return True
         ok = True
-        for b in (self._cuda, self._host):
+        for b in (self._nixl, self._cuda, self._host):
             if b is not None:
                 ok = b.close(timeout) and ok
         if ok:
@@ -412,6 +555,28 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
         lo_s = check_seconds("poll_interval[0]", pi[0], 1e-9)
         hi_s = check_seconds("poll_interval[1]", pi[1], lo_s)
         out["poll_interval"] = (lo_s, hi_s)
+    return out
+
+
+def _checked_nixl_options(options: dict[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    name = out.get("agent_name")
+    if name is not None:
+        if not isinstance(name, str) or not name or len(name) > 200 or any(ord(c) < 32 for c in name):
+            raise InvalidArgumentError(f"agent_name must be a non-empty printable str, got {short_repr(name)}")
+    if out.get("listen_port") is not None:
+        out["listen_port"] = check_int("listen_port", out["listen_port"], 1, 65535)
+    for key in ("transfer_timeout", "remote_timeout"):
+        if key in out:
+            out[key] = check_seconds(key, out[key], 1e-6)
+    if "max_early_notifications" in out:
+        out["max_early_notifications"] = check_int("max_early_notifications", out["max_early_notifications"], 0, 1 << 24)
+    if "poll_interval" in out:
+        pi = out["poll_interval"]
+        if not isinstance(pi, (tuple, list)) or len(pi) != 2:
+            raise TypeError("poll_interval must be a (min, max) pair of seconds")
+        lo_s = check_seconds("poll_interval[0]", pi[0], 1e-9)
+        out["poll_interval"] = (lo_s, check_seconds("poll_interval[1]", pi[1], lo_s))
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["HostOptions", "CudaOptions"]
+__all__ = ["HostOptions", "CudaOptions", "NixlOptions"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,36 @@ class CudaOptions:
     auto_pin: bool = True
     #: (min, max) seconds between the reaper's polls of in-flight events
     poll_interval: tuple[float, float] = (20e-6, 500e-6)
+    #: the SM copy kernel for loads and stores (docs/gpu_copies.md): False or "off" never; "auto"
+    #: loaded and self-tested at start-up, used where ``calibration`` measured it faster, else the
+    #: copy engine; True or "on": as "auto" but raise if it is unusable; "force": every load and
+    #: store (benchmarks, tests). Off until measured on hardware (bench/RESULTS.md).
+    sm_copy: bool | str = False
+    #: CTAs of one SM copy launch: few, so copies do not take the compute kernels' SMs
+    sm_ctas: int = 12
+    #: the measured choice of path and DMA settings per (direction, block size, copies): None for
+    #: the built-in one (the copy engine, with the settings used before any measurement), a
+    #: ``kvsched.transfer.copy_path.Calibration``, its dict form, or the path of the JSON file
+    #: written by ``bench/cuda_calibrate.py``
+    calibration: Any = None
+
+
+@dataclass(frozen=True)
+class NixlOptions:
+    """Options of the nixl backend (one NIXL agent, UCX; see kvsched.transfer.nixl)."""
+
+    #: the NIXL agent's name, unique among the peers; None: ``kvsched-<pid>-<random>``
+    agent_name: str | None = None
+    #: start NIXL's listener thread on this port (for ``connect``); None: no listener
+    listen_port: int | None = None
+    #: seconds a transfer may stay in progress before it is cancelled and failed
+    transfer_timeout: float = 60.0
+    #: seconds ``expect_remote`` waits for the peer's notification before failing the operation
+    remote_timeout: float = 60.0
+    #: notifications kept that arrived before their ``expect_remote`` (oldest dropped first)
+    max_early_notifications: int = 4096
+    #: (min, max) seconds between the completion thread's polls while work is in flight
+    poll_interval: tuple[float, float] = (20e-6, 2e-3)
 
 
 def as_keywords(options: Any, kind: type, name: str) -> dict[str, Any]:
