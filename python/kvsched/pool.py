@@ -51,9 +51,12 @@ class PoolCache:
     * ``cuda_ready`` (cuda.py): devices this pool was checked and prepared for.
     * ``cuda_pins`` (cuda.py): page-lock registrations of this host pool's memory, by address
       (unregistered when the pool is garbage-collected).
+    * ``cuda_mapped`` (cuda.py): devices whose kernels can address all of this pool's memory (its
+      own device memory, or page-locked host memory), each with the pool's extents as sorted
+      ``(starts, ends)`` int64 arrays for the SM copy path's bounds check.
     """
 
-    __slots__ = ("plan_bases", "plan_pairs", "host_views", "cuda_ready", "cuda_pins")
+    __slots__ = ("plan_bases", "plan_pairs", "host_views", "cuda_ready", "cuda_pins", "cuda_mapped")
 
     def __init__(self) -> None:
         self.plan_bases: Any = None
@@ -61,6 +64,7 @@ class PoolCache:
         self.host_views: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.cuda_ready: set[int] = set()
         self.cuda_pins: dict[int, Any] = {}
+        self.cuda_mapped: dict[int, tuple[Any, Any]] = {}
 
 
 class BlockPool:

@@ -67,6 +67,11 @@ class cudaMemcpySrcAccessOrder(enum.IntEnum):
     cudaMemcpySrcAccessOrderAny = 3
 
 
+class cudaDeviceAttr(enum.IntEnum):
+    cudaDevAttrUnifiedAddressing = 41
+    cudaDevAttrCanUseHostPointerForRegisteredMem = 91
+
+
 class _Handle:
     def __init__(self, init_value: int = 0) -> None:
         self._value = int(init_value)
@@ -111,6 +116,7 @@ class FakeRuntime:
     cudaStream_t = cudaStream_t
     cudaEvent_t = cudaEvent_t
     cudaMemcpyAttributes = cudaMemcpyAttributes
+    cudaDeviceAttr = cudaDeviceAttr
     cudaStreamNonBlocking = 1
     cudaEventDisableTiming = 2
     cudaHostRegisterDefault = 0
@@ -139,6 +145,7 @@ class FakeRuntime:
         self.trace: list[tuple[str, int]] = []  # ("wait" | "copy" | "record", stream) in call order
         self._failures: dict[str, list[cudaError_t]] = {}
         self.bound_threads: set[int] = set()  # threads whose CUDA context is current (cudaFree(0))
+        self.device_attrs: dict[cudaDeviceAttr, int] = {a: 1 for a in cudaDeviceAttr}
 
     # --------------------------------------------------------------------------- test controls
 
@@ -184,6 +191,11 @@ class FakeRuntime:
 
     def cudaGetLastError(self):
         return (_OK,)
+
+    def cudaDeviceGetAttribute(self, attr, device):
+        assert isinstance(attr, cudaDeviceAttr) and isinstance(device, int)
+        err = self._result("cudaDeviceGetAttribute")
+        return (err, self.device_attrs[attr] if err == _OK else None)
 
     # --------------------------------------------------------------------------- memory
 
@@ -245,6 +257,15 @@ class FakeRuntime:
             if base <= ptr < base + size:
                 return base
         return None
+
+    def addressable(self, ptr: int, size: int) -> bool:
+        """True when a kernel could touch ``[ptr, ptr + size)``: inside one device allocation or one
+        page-locked host range."""
+        for base, buf in list(self._buffers.items()):
+            if base <= ptr and ptr + size <= base + len(buf) and (base in self._device_of or base in self._pinned):
+                return True
+        base = self._find(self._pinned, ptr)
+        return base is not None and ptr + size <= base + self._pinned[base]
 
     def cudaPointerGetAttributes(self, ptr):
         self.calls["cudaPointerGetAttributes"] += 1
@@ -370,6 +391,7 @@ class CUresult(enum.IntEnum):
     CUDA_SUCCESS = 0
     CUDA_ERROR_INVALID_VALUE = 1
     CUDA_ERROR_INVALID_CONTEXT = 201
+    CUDA_ERROR_NOT_FOUND = 500
     CUDA_ERROR_ILLEGAL_ADDRESS = 700
     CUDA_ERROR_NOT_SUPPORTED = 801
 
@@ -399,7 +421,23 @@ class FakeDriver:
         self.errors: list[str] = []
         self.fail_at: list[tuple[CUresult, int]] = []  # (error, index) for the next calls
         self.lookups: list[tuple[bytes, int, int]] = []
+        self.flags_seen: list[int] = []  # the attributes' flags of each batch call
         self._function = BATCH_PROTOTYPE(self._batch)  # kept alive as long as the driver
+        # The SM copy kernel: module loading and a C-callable cuLaunchKernel that does what the
+        # kernel does (reads the descriptor table through the parameter pointers, copies).
+        from kvsched.transfer.sm_copy import LAUNCH_PROTOTYPE
+
+        self.has_launch = True
+        self.calls: list[str] = []  # module calls, in order
+        self.images: list[bytes] = []  # what cuModuleLoadData was given
+        self.modules: set[int] = set()
+        self.functions: dict[int, bytes] = {}  # handle -> kernel name
+        self.launches: list[dict] = []  # grid, block, shared, stream, count, table of each launch
+        self.launch_fail: list[CUresult] = []  # results of the next launches
+        self.corrupt_next = 0  # the next kernels leave this many bytes of their last copy unwritten
+        self.load_error: CUresult | None = None
+        self._ids = itertools.count(0x7000, 0x10)
+        self._launch = LAUNCH_PROTOTYPE(self._kernel_launch)
 
     def drop_context(self) -> None:
         """Every thread loses its current context (as after another library switched it)."""
@@ -409,9 +447,73 @@ class FakeDriver:
         self.lookups.append((symbol, int(cuda_version), int(flags)))
         if not isinstance(symbol, bytes):
             raise TypeError("expected bytes")  # as cuda-bindings does
+        if symbol == b"cuLaunchKernel" and self.has_launch:
+            return (CUresult.CUDA_SUCCESS, ctypes.cast(self._launch, ctypes.c_void_p).value, 0)
         if symbol != b"cuMemcpyBatchAsync" or not self.has_batch:
             return (CUresult.CUDA_SUCCESS, 0, 1)  # CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND
         return (CUresult.CUDA_SUCCESS, ctypes.cast(self._function, ctypes.c_void_p).value, 0)
+
+    # ------------------------------------------------------------------------- modules, kernels
+
+    def cuModuleLoadData(self, image):
+        self.calls.append("cuModuleLoadData")
+        assert threading.get_ident() in self.rt.bound_threads, "module loaded without a current context"
+        data = bytes(image)
+        assert data.endswith(b"\0"), "the PTX image must be NUL-terminated"
+        self.images.append(data)
+        if self.load_error is not None:
+            return (self.load_error, None)
+        handle = next(self._ids)
+        self.modules.add(handle)
+        return (CUresult.CUDA_SUCCESS, handle)
+
+    def cuModuleGetFunction(self, module, name):
+        self.calls.append("cuModuleGetFunction")
+        assert isinstance(name, bytes)
+        if int(module) not in self.modules:
+            return (CUresult.CUDA_ERROR_INVALID_VALUE, None)
+        if name.decode() not in self.images[-1].decode(errors="replace"):
+            return (CUresult.CUDA_ERROR_NOT_FOUND, None)
+        handle = next(self._ids)
+        self.functions[handle] = name
+        return (CUresult.CUDA_SUCCESS, handle)
+
+    def cuModuleUnload(self, module):
+        self.calls.append("cuModuleUnload")
+        self.modules.discard(int(module))
+        return (CUresult.CUDA_SUCCESS,)
+
+    def _kernel_launch(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        try:
+            if threading.get_ident() not in self.rt.bound_threads:
+                return int(CUresult.CUDA_ERROR_INVALID_CONTEXT)
+            assert function in self.functions, "unknown function"
+            assert stream in self.rt.streams and stream not in self.rt.destroyed_streams, "bad stream"
+            assert gy == gz == by == bz == 1 and 1 <= gx and 32 <= bx <= 1024 and bx % 32 == 0, "launch shape"
+            assert not extra, "parameters go through kernelParams"
+            table = ctypes.c_uint64.from_address(params[0]).value
+            count = ctypes.c_uint64.from_address(params[1]).value
+            self.launches.append({"grid": gx, "block": bx, "shared": shared, "stream": stream,
+                                  "count": count, "table": table})
+            self.calls.append("cuLaunchKernel")
+            if self.launch_fail:
+                return int(self.launch_fail.pop(0))
+            words = (ctypes.c_uint64 * (3 * count)).from_address(table)
+            for i in range(count):
+                d, s, n = words[i], words[count + i], words[2 * count + i]
+                if not (self.rt.addressable(d, n) and self.rt.addressable(s, n)):
+                    return int(CUresult.CUDA_ERROR_ILLEGAL_ADDRESS)  # what a kernel's bad access does
+                if i == count - 1 and self.corrupt_next:
+                    n = max(0, n - self.corrupt_next)
+                    self.corrupt_next = 0
+                ctypes.memmove(d, s, n)
+                self.rt.copies.append((d, s, n))
+            self.rt.trace.append(("kernel", int(stream)))
+            return 0
+        except Exception as exc:  # noqa: BLE001 - reported through errors
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            print(f"FakeDriver: {exc}", file=sys.stderr)
+            return int(CUresult.CUDA_ERROR_INVALID_VALUE)
 
     def cuGetErrorName(self, code):
         return (CUresult.CUDA_SUCCESS, CUresult(int(code)).name.encode())
@@ -425,7 +527,8 @@ class FakeDriver:
                 return int(CUresult.CUDA_ERROR_INVALID_CONTEXT)
             assert num_attrs == 1 and attr_idxs[0] == 0, "one attribute set for all copies"
             assert attrs[0].srcAccessOrder == 1, "sources must be read in stream order"
-            assert attrs[0].flags == 1, "copies should prefer to overlap compute (a hint)"
+            assert attrs[0].flags in (0, 1), "flags: 0 or PREFER_OVERLAP_WITH_COMPUTE"
+            self.flags_seen.append(int(attrs[0].flags))
             assert stream in self.rt.streams and stream not in self.rt.destroyed_streams, "bad stream"
             assert count > 0 and dsts and srcs and sizes
             d = (ctypes.c_uint64 * count).from_address(dsts)

@@ -26,6 +26,14 @@ Design (contract section 4, docs/contract.md):
   stream order (``SrcAccessOrderStream``), after the events the stream waited on. Measured on an
   H200 with the "bindings" mode (driver 580, cuda-bindings 13.3): 0.7-1.7 us per copy on the
   host against about 2.6 us for the loop, so scattered 4-16 KiB blocks were launch-bound.
+* **The SM copy path.** Off by default (``sm_copy=False``). With ``sm_copy="auto"`` (or True to
+  require it) a small copy kernel (:mod:`kvsched.transfer.sm_copy`) is loaded from shipped PTX and
+  self-tested at start-up; a load or store then goes to it instead of the copy engine where the
+  calibration (``calibration=``, :mod:`kvsched.transfer.copy_path`) measured it faster, and only
+  when both pools are addressable by kernels (device memory, page-locked host memory).
+  ``sm_copy="force"`` sends every load and store to it (benchmarks, tests). It is launched on the
+  same copy stream after the same event waits, so ordering and completion are the DMA path's. The
+  calibration also picks the DMA path's settings per regime. See docs/gpu_copies.md.
 * **GPU-side ordering.** ``compute_event`` (a store must not read a block before the compute
   stream wrote it) and ``wait_event`` (a load must not overwrite a reused block before the compute
   stream's last read of it) are waited on by the copy stream with ``cudaStreamWaitEvent``; the
@@ -57,6 +65,7 @@ import numpy as np
 from kvsched.errors import InvalidArgumentError
 from kvsched.pool import BlockPool
 from kvsched.transfer.backend import event_list
+from kvsched.transfer.copy_path import CopyChoice, DmaSettings, choose_path, load_calibration
 from kvsched.transfer.driver_batch import DriverBatchCopier, c_array, is_invalid_context
 from kvsched.transfer.cudart import (
     DeviceBuffer,
@@ -71,6 +80,14 @@ from kvsched.transfer.cudart import (
 )
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.job import TransferJob
+from kvsched.transfer.sm_copy import (
+    DEFAULT_CTAS,
+    DescriptorTables,
+    SmCopier,
+    check_bounds,
+    device_maps_host_memory,
+    pack_descriptors,
+)
 
 __all__ = ["CudaBackend", "KINDS"]
 
@@ -82,14 +99,15 @@ KINDS = ("h2d", "d2h", "d2d")
 class _GpuState:
     """What the backend tracks for an in-flight job."""
 
-    __slots__ = ("kind", "event", "ops", "error", "done")
+    __slots__ = ("kind", "event", "ops", "error", "done", "table")
 
-    def __init__(self, kind: str, event: Any, ops: int, error: BaseException | None) -> None:
+    def __init__(self, kind: str, event: Any, ops: int, error: BaseException | None, table: Any = None) -> None:
         self.kind = kind
         self.event = event
         self.ops = ops
         self.error = error
         self.done = False
+        self.table = table  # the SM path's descriptor table, read by the kernel until the event
 
 
 class CudaBackend:
@@ -107,6 +125,9 @@ class CudaBackend:
         batch_chunk: int = 4096,
         auto_pin: bool = True,
         poll_interval: tuple[float, float] = (20e-6, 500e-6),
+        sm_copy: bool | str = False,
+        sm_ctas: int = DEFAULT_CTAS,
+        calibration: Any = None,
         fault_hook: Callable[[TransferJob], None] | None = None,
         runtime: Any = None,
         driver: Any = None,
@@ -152,6 +173,18 @@ class CudaBackend:
         self._bound_threads = threading.local()  # threads whose CUDA context is known current
         self.batch_mode = "loop"  # set by _setup_batch: "driver", "bindings" or "loop"
         self.batch_reason = self._setup_batch(batch, driver, injected=runtime is not None)
+        self.calibration = load_calibration(calibration)
+        self._sm: SmCopier | None = None
+        self._tables = DescriptorTables(rt)
+        self.sm_mode = "off"  # set by _setup_sm: "off", "auto" or "force"
+        self.jobs_by_path = {"dma": 0, "loop": 0, "sm": 0}  # statistic only
+        try:
+            self.sm_reason = self._setup_sm(sm_copy, sm_ctas, driver, injected=runtime is not None)
+        except BaseException:
+            with self._on_device():
+                for stream in self._streams.values():
+                    _quiet(rt.cudaStreamDestroy, stream)
+            raise
         self._reaper = threading.Thread(target=self._reap, name="kvsched-cuda-reaper", daemon=True)
         self._reaper.start()
 
@@ -187,27 +220,41 @@ class CudaBackend:
         # Python lists for small jobs (cheaper than a dozen numpy calls), numpy arrays for large.
         srcs, dsts, sizes = plan.segment_lists() if plan.num_copies <= _LIST_SEGMENTS else plan.segments()
         count = len(srcs)
-        batched = self.batch_enabled and count > 1
-        chunks = _chunk_bounds(count, self.batch_chunk) if batched else []
-        ops = len(waits) + (len(chunks) if batched else count) + 1
+        choice = self._choose(job, kind, count)
+        table = None
+        if choice.path == "sm":
+            table = self._sm_table(job, srcs, dsts, sizes)  # raises before anything is counted
+            batched, chunks = False, []
+            ops = len(waits) + 2
+        else:
+            batched = self.batch_enabled and count > 1
+            chunks = _chunk_bounds(count, self.batch_chunk, one_call=choice.dma.one_call) if batched else []
+            ops = len(waits) + (len(chunks) if batched else count) + 1
+        path = "sm" if table is not None else "dma" if batched else "loop"
 
-        with self._cond:
-            if self._closing:
-                raise TransferEngineClosedError("the transfer engine is closed")
-            if self._pending >= self.max_pending:
-                raise TransferQueueFullError(
-                    f"{self._pending} transfers in flight (max_pending={self.max_pending}); "
-                    f"request {job.request_id!r} op {job.uuid} was not submitted, retry later"
-                )
-            queued = self._stream_ops[kind]
-            if queued and queued + ops > self.max_stream_ops:
-                raise TransferQueueFullError(
-                    f"the {kind} copy stream has {queued} queued operations and this job needs {ops} "
-                    f"(max_stream_ops={self.max_stream_ops}); request {job.request_id!r} op {job.uuid} "
-                    "was not submitted, retry later"
-                )
-            self._pending += 1
-            self._stream_ops[kind] += ops
+        try:
+            with self._cond:
+                if self._closing:
+                    raise TransferEngineClosedError("the transfer engine is closed")
+                if self._pending >= self.max_pending:
+                    raise TransferQueueFullError(
+                        f"{self._pending} transfers in flight (max_pending={self.max_pending}); "
+                        f"request {job.request_id!r} op {job.uuid} was not submitted, retry later"
+                    )
+                queued = self._stream_ops[kind]
+                if queued and queued + ops > self.max_stream_ops:
+                    raise TransferQueueFullError(
+                        f"the {kind} copy stream has {queued} queued operations and this job needs {ops} "
+                        f"(max_stream_ops={self.max_stream_ops}); request {job.request_id!r} op {job.uuid} "
+                        "was not submitted, retry later"
+                    )
+                self._pending += 1
+                self._stream_ops[kind] += ops
+                self.jobs_by_path[path] += 1
+        except BaseException:
+            if table is not None:
+                self._tables.give(table)
+            raise
 
         job.attach(None, waiter=self)
         stream = self._streams[kind]
@@ -221,8 +268,10 @@ class CudaBackend:
                             self.fault_hook(job)
                         for ev in waits:
                             check(rt, rt.cudaStreamWaitEvent(stream, ev, 0), "cudaStreamWaitEvent")
-                        if batched:
-                            self._launch_batched(dsts, srcs, sizes, stream, chunks)
+                        if table is not None:
+                            self._launch_sm(table, count, stream)
+                        elif batched:
+                            self._launch_batched(dsts, srcs, sizes, stream, chunks, choice.dma)
                         else:
                             self._launch_loop(dsts, srcs, sizes, stream)
                     except Exception as exc:  # noqa: BLE001 - becomes the job's failure
@@ -230,10 +279,10 @@ class CudaBackend:
                     event = self._take_event()
                     check(rt, rt.cudaEventRecord(event, stream), "cudaEventRecord")
             except Exception as exc:  # noqa: BLE001 - no event: finish here, after the stream drained
-                self._fail_untracked(job, kind, ops, event, stream, launch_error or exc)
+                self._fail_untracked(job, kind, ops, event, stream, launch_error or exc, table)
                 return
             with self._cond:
-                job.attach(_GpuState(kind, event, ops, launch_error))
+                job.attach(_GpuState(kind, event, ops, launch_error, table))
                 self._inflight[kind].append(job)
                 self._cond.notify_all()
 
@@ -282,6 +331,9 @@ class CudaBackend:
                     _quiet(rt.cudaEventDestroy, ev)
                 for stream in self._streams.values():
                     _quiet(rt.cudaStreamDestroy, stream)
+                if self._sm is not None:  # every launch has drained: no job is pending
+                    self._sm.close()
+            self._tables.clear()
         except Exception as exc:  # noqa: BLE001 - never raise from close
             log.warning("kvsched: cuda backend cleanup failed: %s", exc)
         return True
@@ -304,15 +356,17 @@ class CudaBackend:
             if int(res[0]) != 0:
                 check(rt, res, "cudaMemcpyAsync")
 
-    def _launch_batched(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
+    def _launch_batched(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]],
+                        settings: DmaSettings = DmaSettings()) -> None:
         """Queue the copies ``srcs[i] -> dsts[i]`` of ``sizes[i]`` bytes (lists of ints or integer
         numpy arrays) on ``stream`` in batch calls bounded by ``chunks``."""
         if self.batch_mode == "driver":
-            self._launch_driver(dsts, srcs, sizes, stream, chunks)
+            self._launch_driver(dsts, srcs, sizes, stream, chunks, settings)
         else:
-            self._launch_bindings(dsts, srcs, sizes, stream, chunks)
+            self._launch_bindings(dsts, srcs, sizes, stream, chunks, settings)
 
-    def _launch_driver(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
+    def _launch_driver(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]],
+                       settings: DmaSettings) -> None:
         copier = self._copier
         assert copier is not None
         # Three C arrays for the whole job; each batch call gets addresses into them.
@@ -322,11 +376,11 @@ class CudaBackend:
             self._bind_context()
         for start, stop in chunks:
             at = start * 8
-            rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle)
+            rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle, settings)
             if rc != 0 and is_invalid_context(rc):
                 # Nothing was queued: the driver checks its context first. Bind and try once more.
                 self._bind_context()
-                rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle)
+                rc, fail = copier(d0 + at, s0 + at, n0 + at, stop - start, handle, settings)
             if rc != 0:
                 text = copier.error_name(rc)
                 where = f" (copy {start + fail})" if fail < stop - start else ""  # else SIZE_MAX: no one copy
@@ -339,8 +393,10 @@ class CudaBackend:
         check(self._rt, self._rt.cudaFree(0), "cudaFree(0) (binding the CUDA context)")
         self._bound_threads.bound = True
 
-    def _launch_bindings(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]]) -> None:
-        rt, attrs = self._rt, self._batch_attrs
+    def _launch_bindings(self, dsts: Any, srcs: Any, sizes: Any, stream: Any, chunks: list[tuple[int, int]],
+                         settings: DmaSettings) -> None:
+        rt = self._rt
+        attrs = self._batch_attrs if settings == _DEFAULT_DMA else [self._bindings_attrs(settings)]
         dsts, srcs, sizes = _ints(dsts), _ints(srcs), _ints(sizes)
         for start, stop in chunks:
             d, s, n = dsts[start:stop], srcs[start:stop], sizes[start:stop]
@@ -367,12 +423,16 @@ class CudaBackend:
         return event
 
     def _fail_untracked(
-        self, job: TransferJob, kind: str, ops: int, event: Any, stream: Any, error: BaseException
+        self, job: TransferJob, kind: str, ops: int, event: Any, stream: Any, error: BaseException,
+        table: Any = None,
     ) -> None:
         """No event could be recorded: wait for the stream here (error path only) so no DMA of
         this job is still running when its handle is marked failed."""
+        drained = False
         with contextlib.suppress(Exception):
-            self._rt.cudaStreamSynchronize(stream)
+            drained = int(self._rt.cudaStreamSynchronize(stream)[0]) == 0
+        if table is not None and drained:  # otherwise a kernel may still read it: left to the GC
+            self._tables.give(table)
         state = _GpuState(kind, event, ops, error)
         state.done = True
         job.attach(state)
@@ -430,6 +490,9 @@ class CudaBackend:
             self._stream_ops[state.kind] -= state.ops
             if code == 0:
                 self._free_events.append(state.event)  # a failed event is not reused
+                if state.table is not None:  # the kernel that read it has finished
+                    self._tables.give(state.table)
+            state.table = None
             nxt = queue[0] if queue else None
         job._finish(state.error or failure)
         with self._cond:
@@ -460,6 +523,7 @@ class CudaBackend:
             return
         rt = self._rt
         memory_type = rt.cudaMemoryType
+        pageable: list[int] = []  # extents this device's kernels cannot address (see _sm_table)
         if pool.is_cuda:
             for layer, ptr in enumerate(pool.layer_ptrs):
                 attrs = _pointer_attributes(rt, ptr)
@@ -478,6 +542,7 @@ class CudaBackend:
                 attrs = _pointer_attributes(rt, addr)
                 if attrs is not None and int(attrs.type) == int(memory_type.cudaMemoryTypeHost):
                     continue  # cudaMallocHost, torch pin_memory, or registered already
+                pageable.append(addr)  # until registered below
                 if not self.auto_pin:
                     log.warning(
                         "kvsched: host pool memory at %#x is pageable: copies will be synchronous "
@@ -489,6 +554,7 @@ class CudaBackend:
                     reg = HostRegistration(rt, addr, size, owner=pool.owners)
                 except CudaError as exc:
                     if "AlreadyRegistered" in exc.name:
+                        pageable.pop()
                         continue
                     log.warning(
                         "kvsched: cudaHostRegister of %d bytes at %#x failed (%s): copies from this "
@@ -500,7 +566,12 @@ class CudaBackend:
                     continue
                 # Lives as long as the pool: unregistered when the pool is garbage-collected.
                 cache.cuda_pins[addr] = reg
+                pageable.pop()
                 log.info("kvsched: page-locked %d bytes of a host pool for cuda:%d", size, self.device)
+        if not pageable:
+            extents = sorted(pool.extents())
+            cache.cuda_mapped[self.device] = (np.array([a for a, _ in extents], dtype=np.int64),
+                                              np.array([a + n for a, n in extents], dtype=np.int64))
         cache.cuda_ready.add(self.device)
 
     def _setup_batch(self, batch: bool | str, driver: Any, *, injected: bool) -> str:
@@ -552,12 +623,140 @@ class CudaBackend:
         rt = self._rt
         if getattr(rt, "cudaMemcpyBatchAsync", None) is None or getattr(rt, "cudaMemcpyAttributes", None) is None:
             raise CudaError("cuda-bindings has no cudaMemcpyBatchAsync (needs cuda-bindings >= 12.8)")
+        self._batch_attrs = [self._bindings_attrs(_DEFAULT_DMA)]
+
+    def _bindings_attrs(self, settings: DmaSettings) -> Any:
+        rt = self._rt
         attrs = rt.cudaMemcpyAttributes()
-        attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+        order = rt.cudaMemcpySrcAccessOrder
+        attrs.srcAccessOrder = (order.cudaMemcpySrcAccessOrderAny if settings.src_order == "any"
+                                else order.cudaMemcpySrcAccessOrderStream)
         flags = getattr(rt, "cudaMemcpyFlags", None)  # a hint: overlap the compute stream's kernels
-        if flags is not None:
+        if flags is not None and settings.prefer_overlap:
             attrs.flags = flags.cudaMemcpyFlagPreferOverlapWithCompute
-        self._batch_attrs = [attrs]
+        return attrs
+
+    # ------------------------------------------------------------------------------ the SM path
+
+    def _choose(self, job: TransferJob, kind: str, count: int) -> CopyChoice:
+        """The path of this job (see :mod:`kvsched.transfer.copy_path`)."""
+        plan = job.plan
+        block = plan.nbytes // count if count else 0
+        if self.sm_mode == "off" or kind == "d2d" or count == 0:
+            return choose_path(kind, block, count, self.calibration)
+        mapped = (self.device in plan.src.transfer_cache.cuda_mapped
+                  and self.device in plan.dst.transfer_cache.cuda_mapped)
+        if self.sm_mode == "force":
+            if not mapped:
+                raise InvalidArgumentError(
+                    f"sm_copy='force' but a pool of request {job.request_id!r} op {job.uuid} is pageable host "
+                    "memory, which kernels cannot address: page-lock it (auto_pin=True) or use sm_copy='auto'")
+            return _SM_CHOICE
+        return choose_path(kind, block, count, self.calibration, sm_ready=mapped)
+
+    def _sm_table(self, job: TransferJob, srcs: Any, dsts: Any, sizes: Any) -> Any:
+        """The job's descriptor table, filled, after checking every copy lies inside its pools: the
+        plan checked the block ids, this checks the addresses the kernel will touch, since a kernel
+        writing out of bounds corrupts memory without an error."""
+        plan = job.plan
+        for what, addrs, pool in (("source", srcs, plan.src), ("destination", dsts, plan.dst)):
+            starts, ends = pool.transfer_cache.cuda_mapped[self.device]
+            bad = check_bounds(addrs, sizes, starts, ends)
+            if bad >= 0:
+                raise InvalidArgumentError(
+                    f"request {job.request_id!r} op {job.uuid}: copy {bad} ({int(sizes[bad])} bytes at "
+                    f"{int(addrs[bad]):#x}) is outside the {what} pool; nothing was launched")
+        table = self._tables.take(len(sizes))
+        pack_descriptors(table, dsts, srcs, sizes)
+        return table
+
+    def _launch_sm(self, table: Any, count: int, stream: Any) -> None:
+        sm = self._sm
+        assert sm is not None
+        if not getattr(self._bound_threads, "bound", False):
+            self._bind_context()
+        ptr, handle = int(table.ctypes.data), int(stream)
+        rc = sm.launch(ptr, count, handle)
+        if rc != 0 and is_invalid_context(rc):  # nothing was queued; as in _launch_driver
+            self._bind_context()
+            rc = sm.launch(ptr, count, handle)
+        if rc != 0:
+            text = sm.error_name(rc)
+            raise CudaError(f"cuLaunchKernel (SM copy) failed: {text}", code=rc, name=text.split(" ", 1)[0])
+
+    def _setup_sm(self, sm_copy: bool | str, ctas: int, driver: Any, *, injected: bool) -> str:
+        """Set :attr:`sm_mode` and return why. The kernel is loaded and must pass a self-test on
+        this device first; "auto" falls back to the copy engine, True/"on"/"force" raise."""
+        if sm_copy is False or sm_copy == "off":
+            return "disabled (sm_copy=False)"
+        if sm_copy not in (True, "on", "auto", "force"):
+            raise InvalidArgumentError(f"sm_copy must be False, 'auto', True or 'force', got {sm_copy!r}")
+        if isinstance(ctas, bool) or not isinstance(ctas, (int, np.integer)) or not 1 <= int(ctas) <= 1024:
+            raise InvalidArgumentError(f"sm_ctas must be an int in [1, 1024], got {ctas!r}")
+        try:
+            ok, why = device_maps_host_memory(self._rt, self.device)
+            if not ok:
+                raise CudaError(why)
+            if driver is None:
+                if injected:  # a stand-in runtime with the real driver would mix two worlds
+                    raise CudaError("no driver module given with the injected runtime")
+                from cuda.bindings import driver
+            with self._on_device():
+                self._bind_context()
+                self._sm = SmCopier(driver, max_ctas=int(ctas))
+            self._sm_self_test()
+        except Exception as exc:  # noqa: BLE001
+            if self._sm is not None:
+                self._sm.close()
+                self._sm = None
+            reason = f"{type(exc).__name__}: {exc}"
+            if sm_copy != "auto":
+                raise CudaError(f"sm_copy={sm_copy!r} but the SM copy kernel is unusable: {reason}") from exc
+            log.info("kvsched: cuda backend without the SM copy path: %s", reason)
+            return reason
+        self.sm_mode = "force" if sm_copy == "force" else "auto"
+        return f"SM copy kernel ({int(ctas)} CTAs), self-test passed"
+
+    def _sm_self_test(self) -> None:
+        """Scatter a known pattern host -> device -> host with the kernel: pieces in shuffled
+        order, of sizes that exercise the 16-byte, 8-byte and byte loops, several rounds of the
+        kernel's 32-copy descriptor window; compare what came back."""
+        rt = self._rt
+        rng = np.random.default_rng(0)
+        sizes = np.tile(np.array([4096, 16, 8, 24, 1, 4093, 40, 4104], dtype=np.int64), 40)
+        count = int(sizes.size)  # 320 copies: 10 windows of 32 for the first warp
+        stride = 4096 + 64
+        offsets = np.arange(count, dtype=np.int64) * stride
+        skew = np.where(sizes % 16 == 0, 0, np.where(sizes % 8 == 0, 8, 3))  # alignment of each copy
+        n = stride * count
+        host = pinned_empty(2 * n, runtime=rt)
+        host[:n] = np.arange(n, dtype=np.uint64).astype(np.uint8) ^ 0xA5
+        host[n:] = 0
+        dev = DeviceBuffer(n, device=self.device, runtime=rt)
+        order = rng.permutation(count)
+        src_off = offsets + skew
+        dst_off = offsets[order] + skew
+        tables = []
+        try:
+            hp = int(host.ctypes.data)
+            with self._on_device():
+                for kind, dsts, srcs in (("h2d", dev.ptr + dst_off, hp + src_off),
+                                         ("d2h", hp + n + src_off, dev.ptr + dst_off)):
+                    table = self._tables.take(count)
+                    tables.append(table)
+                    pack_descriptors(table, dsts, srcs, sizes)
+                    self._launch_sm(table, count, self._streams[kind])
+                    check(rt, rt.cudaStreamSynchronize(self._streams[kind]), "cudaStreamSynchronize")
+            want = np.zeros(n, dtype=np.uint8)
+            for off, size in zip(src_off.tolist(), sizes.tolist()):
+                want[off:off + size] = host[off:off + size]
+            if not np.array_equal(host[n:], want):
+                first = int(np.flatnonzero(host[n:] != want)[0])
+                raise CudaError(f"data read back differs from data written (first at byte {first})")
+        finally:
+            dev.free()
+            for table in tables:
+                self._tables.give(table)
 
     def _batch_self_test(self) -> None:
         """Scatter a known pattern host -> device -> host with batched copies (several batch calls
@@ -597,15 +796,19 @@ def _ints(values: Any) -> list[int]:
 
 
 _FIRST_CHUNK = 32  # copies in a job's first batch call: the copy engine starts after this many
+_DEFAULT_DMA = DmaSettings()
+_SM_CHOICE = CopyChoice(path="sm")
 
 
-def _chunk_bounds(count: int, limit: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each batch call for ``count`` copies: 32, 64, 128, ... up to ``limit``.
+def _chunk_bounds(count: int, limit: int, *, one_call: bool = False) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each batch call for ``count`` copies: 32, 64, 128, ... up to ``limit``
+    (``one_call``: calls of ``limit`` copies, i.e. one call for any job of at most ``limit``).
 
     The driver puts a batch on the stream when the call returns, so one call for a whole job would
     leave the copy engine idle while the host queues every copy; a small first call starts it at
-    once, and doubling keeps the number of calls logarithmic until ``limit``."""
-    bounds, start, size = [], 0, min(_FIRST_CHUNK, limit)
+    once, and doubling keeps the number of calls logarithmic until ``limit``. Whether that start
+    is worth the extra calls is measured by bench/cuda_calibrate.py (vLLM makes one call)."""
+    bounds, start, size = [], 0, limit if one_call else min(_FIRST_CHUNK, limit)
     while start < count:
         stop = min(count, start + size)
         bounds.append((start, stop))

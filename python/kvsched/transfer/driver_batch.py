@@ -42,6 +42,7 @@ __all__ = [
 ABI_VERSION = 12080  # the CUDA version whose cuMemcpyBatchAsync prototype is declared below
 _CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1  # the legacy-stream entry point, not the per-thread one
 _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+_CU_MEMCPY_SRC_ACCESS_ORDER_ANY = 3
 _CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
 _CUDA_ERROR_INVALID_CONTEXT = 201
 _SIZE_MAX = 2**64 - 1
@@ -100,22 +101,34 @@ class DriverBatchCopier:
             status = f" (symbol status {res[2]})" if len(res) > 2 else ""
             raise CudaError(f"the driver has no cuMemcpyBatchAsync at the CUDA {ABI_VERSION} ABI{status}")
         self._fn = BATCH_PROTOTYPE(address)
-        # One attribute set for every copy. Read by the driver during the call only, never written:
+        # One attribute set for every copy of a call, one per setting (a DmaSettings of
+        # kvsched.transfer.copy_path). Read by the driver during the call only, never written:
         # shared by concurrent callers safely. PREFER_OVERLAP_WITH_COMPUTE is a hint (cuda.h) that
-        # the copies should overlap the compute stream's kernels, which is what they are for.
-        self._attrs = CUmemcpyAttributes(srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-                                         flags=_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
+        # the copies should overlap the compute stream's kernels; the default, until
+        # bench/cuda_calibrate.py measures otherwise.
+        self._attr_sets = {
+            (overlap, order): CUmemcpyAttributes(
+                srcAccessOrder=_CU_MEMCPY_SRC_ACCESS_ORDER_ANY if order == "any" else _CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+                flags=_CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE if overlap else 0)
+            for overlap in (True, False) for order in ("stream", "any")
+        }
+        self._attrs = self._attr_sets[(True, "stream")]
         self._attr_index = (ctypes.c_size_t * 1)(0)
 
-    def __call__(self, dsts: int, srcs: int, sizes: int, count: int, stream: int) -> tuple[int, int]:
+    def __call__(self, dsts: int, srcs: int, sizes: int, count: int, stream: int,
+                 settings: Any = None) -> tuple[int, int]:
         """Queue ``count`` copies on ``stream``; returns ``(CUresult, index of the failed copy)``
         (the index is ``count`` or more when the error is not tied to one copy: the driver then
         leaves SIZE_MAX).
 
         ``dsts``, ``srcs`` and ``sizes`` are addresses of C arrays of ``count`` 64-bit integers
-        (see :func:`c_array`), alive during the call: the driver has read them when it returns."""
+        (see :func:`c_array`), alive during the call: the driver has read them when it returns.
+        ``settings``: a ``DmaSettings`` (its ``prefer_overlap`` and ``src_order``); None for the
+        default (overlap hint on, stream order)."""
+        attrs = self._attrs if settings is None else self._attr_sets[(bool(settings.prefer_overlap),
+                                                                      settings.src_order)]
         fail = ctypes.c_size_t(_SIZE_MAX)  # stays SIZE_MAX where the driver names no copy
-        rc = self._fn(dsts, srcs, sizes, count, ctypes.byref(self._attrs), self._attr_index, 1,
+        rc = self._fn(dsts, srcs, sizes, count, ctypes.byref(attrs), self._attr_index, 1,
                       ctypes.byref(fail), stream)
         return int(rc), int(fail.value)
 
