@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="auto", choices=["auto", "on", "off", "driver", "bindings"],
                    help="cuda: batched copies (auto: C arrays to the driver where it works, measured "
                         "beside cuda-bindings' list API; off: one cudaMemcpyAsync per copy)")
+    p.add_argument("--sm-copy", default=None, choices=["off", "auto", "on", "force"],
+                   help="cuda: the SM copy kernel (force: every load and store; auto: where --calibration "
+                        "measured it faster; see docs/gpu_copies.md)")
+    p.add_argument("--calibration", default=None, help="cuda: a bench/cuda_calibrate.py JSON file")
     p.add_argument("--workers", type=int, default=None, help="host backend worker threads")
     p.add_argument("--quick", action="store_true", help="4K,64K,2M and 16 MiB per measurement")
     p.add_argument("--json", metavar="FILE", help="write the result dict as JSON")
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     options = {}
     if args.backend != "host" and args.batch != "auto":
         options["batch"] = {"on": True, "off": False}.get(args.batch, args.batch)
+    if args.backend != "host" and args.sm_copy is not None:
+        options["sm_copy"] = {"off": False, "on": True}.get(args.sm_copy, args.sm_copy)
+    if args.backend != "host" and args.calibration is not None:
+        options["calibration"] = args.calibration
     if args.workers is not None:
         options["workers"] = args.workers
     result = bench.run_transfer_bench(

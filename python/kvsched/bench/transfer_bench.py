@@ -95,6 +95,7 @@ def run_transfer_bench(
             "batched": engine.batched,
             "batch_mode": engine.stats().get("batch_mode", "host"),
             "engine": engine.stats(),
+            "copy_paths": _copy_paths(engine),
             "repeats": repeats,
             "rows": rows,
         }
@@ -104,12 +105,21 @@ def run_transfer_bench(
         engine.close(timeout=60)
 
 
+def _copy_paths(engine: Any) -> dict[str, Any] | None:
+    """The cuda backend's SM path state and jobs per path (which path the rows measured)."""
+    cuda = getattr(engine, "_cuda", None)
+    if cuda is None:
+        return None
+    return {"sm_mode": cuda.sm_mode, "sm_reason": cuda.sm_reason, "jobs_by_path": dict(cuda.jobs_by_path),
+            "calibration": cuda.calibration.source}
+
+
 def _bindings_engine(engine: Any, options: dict[str, Any]) -> Any:
     """A second cuda engine batching through cuda-bindings' list API, measured side by side with
     the main one when that uses the driver's C-array path; None otherwise."""
     from kvsched.transfer.engine import TransferEngine
 
-    if engine.stats().get("batch_mode") != "driver" or "batch" in options:
+    if engine.stats().get("batch_mode") != "driver" or "batch" in options or options.get("sm_copy") not in (None, False, "off"):
         return None
     try:
         return TransferEngine(None, backend="cuda", **{**options, "batch": "bindings"})
