@@ -376,18 +376,21 @@ class TransferEngine:
         return self._nixl_backend("add_peer").add_peer(metadata)
 
     def connect(self, peer: str, host: str, port: int, *, timeout: float = 10.0) -> None:
-        """Exchange metadata with ``peer`` through its NIXL listener (an engine made with
-        ``listen_port``) at ``host:port``; both sides then know each other. For simple setups:
-        pools then travel as notifications (:meth:`send_pool` / :meth:`receive_pool`)."""
+        """Exchange metadata with ``peer`` through its NIXL listener at ``host:port``; both sides
+        then know each other. Both engines need ``listen_port`` (NIXL's listener thread carries
+        both directions). For simple setups: pools then travel as notifications
+        (:meth:`send_pool` / :meth:`receive_pool`)."""
         if not isinstance(peer, str) or not isinstance(host, str):
             raise TypeError("peer and host must be str")
         port = check_int("port", port, 1, 65535)
         timeout = check_seconds("timeout", timeout, 0.0)
         self._nixl_backend("connect").connect(peer, host, port, timeout)
 
-    def send_pool(self, peer: str, pool: BlockPool) -> None:
-        """Send ``pool``'s description to a connected ``peer`` (it calls :meth:`receive_pool`)."""
-        self._nixl_backend("send_pool").send_pool(peer, pool)
+    def send_pool(self, peer: str, pool: BlockPool, *, timeout: float = 10.0) -> None:
+        """Send ``pool``'s description to a connected ``peer`` (it calls :meth:`receive_pool`);
+        waits up to ``timeout`` for the peer's metadata to arrive through the listener."""
+        timeout = check_seconds("timeout", timeout, 0.0)
+        self._nixl_backend("send_pool").send_pool(peer, pool, timeout)
 
     def receive_pool(self, peer: str, *, timeout: float = 10.0) -> RemotePool:
         """The next pool ``peer`` sent with :meth:`send_pool`, imported; waits up to ``timeout``."""

@@ -136,6 +136,7 @@ class NixlBackend:
             backends=["UCX"],
         )
         self._agent = api.nixl_agent(self.agent_name, config)
+        self.listening = listen_port is not None
         if "UCX" not in self._agent.backends:
             raise TransferError(f"NIXL started without its UCX backend (plugins: {self._agent.plugin_list})")
         self.transfer_timeout = transfer_timeout
@@ -233,6 +234,11 @@ class NixlBackend:
 
     def connect(self, peer: str, host: str, port: int, timeout: float) -> None:
         """Exchange agent metadata with ``peer``'s listener at ``host:port`` (NIXL's own channel)."""
+        if not self.listening:
+            raise InvalidArgumentError(
+                "connect() needs a listener on this engine too (listen_port=...): NIXL's listener "
+                "thread carries both directions of the metadata exchange"
+            )
         with self._lock:
             self._check_open()
             self._agent.fetch_remote_metadata(peer, host, port)
@@ -247,12 +253,24 @@ class NixlBackend:
                 raise TransferError(f"no metadata from peer {peer!r} at {host}:{port} within {timeout:g} s")
             time.sleep(0.005)
 
-    def send_pool(self, peer: str, pool: BlockPool) -> None:
-        """Send ``pool``'s description (without metadata) to a connected peer as a notification."""
+    def send_pool(self, peer: str, pool: BlockPool, timeout: float) -> None:
+        """Send ``pool``'s description to a connected peer as a notification, once the peer's
+        metadata is here (it comes through the listener: a peer that just ran ``connect`` may not
+        have been heard yet). The description carries this agent's metadata as it is now: the
+        copy the peer fetched when it connected does not list memory registered since."""
         self.register_pool(pool)
-        desc = encode_pool(pool, self.agent_name, None)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._check_open()
+                if self._agent.check_remote_metadata(peer):
+                    break
+            if time.monotonic() >= deadline:
+                raise TransferError(f"no metadata from peer {peer!r} within {timeout:g} s: has it connected?")
+            time.sleep(0.005)
         with self._lock:
             self._check_open()
+            desc = encode_pool(pool, self.agent_name, self._agent.get_agent_metadata())
             try:
                 self._agent.send_notif(peer, _POOL_PREFIX + desc)
             except Exception as exc:  # noqa: BLE001
