@@ -30,10 +30,11 @@ def cuda():
     return torch.device("cuda", 0)
 
 
-def make(cuda, mode):
+def make(cuda, mode, granularity="auto"):
     kv = [torch.zeros(2, NB, BS, H, D, dtype=torch.float16, device=cuda) for _ in range(L)]
     pool = BlockPool.from_layers(kv, block_dim=1)
-    cfg = OffloadConfig.from_dict({"host_bytes": 32 * pool.block_bytes * L, "load_mode": mode, "backend": "cuda"})
+    cfg = OffloadConfig.from_dict({"host_bytes": 32 * pool.block_bytes * L, "load_mode": mode, "backend": "cuda",
+                                   "op_granularity": granularity})
     w = OffloadWorker(cfg)
     w.register(pool)
     assert w.engine.backend == "cuda" and w.host_pool.is_cuda is False
@@ -53,9 +54,10 @@ def finish(w, lead, steps=20):
     raise AssertionError("operations still pending")
 
 
+@pytest.mark.parametrize("granularity", ["auto", "step"])  # auto on cuda: one operation per layer
 @pytest.mark.parametrize("mode", ["layerwise", "async"])
-def test_gated_stores_then_loads_byte_exact(cuda, mode):
-    kv, w, lead = make(cuda, mode)
+def test_gated_stores_then_loads_byte_exact(cuda, mode, granularity):
+    kv, w, lead = make(cuda, mode, granularity)
     hashes = [f"a{i}".encode() for i in range(4)]
     src_blocks = [3, 4, 5, 9]
     lead.plan_stores("r1", hashes, src_blocks, 0, 4)

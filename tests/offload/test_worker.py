@@ -10,9 +10,10 @@ from kvsched.offload import OffloadConfig, OffloadLeader, OffloadWorker
 L, NB, BS, PAGE = 3, 16, 4, 64  # layers, GPU blocks, tokens per block, bytes per block and layer
 
 
-def make(host_blocks=8, load_mode="async", **engine_options):
+def make(host_blocks=8, load_mode="async", granularity="auto", **engine_options):
     kv = np.zeros((L, NB, PAGE), dtype=np.uint8)
-    cfg = OffloadConfig.from_dict({"host_bytes": host_blocks * L * PAGE, "load_mode": load_mode, "backend": "host"})
+    cfg = OffloadConfig.from_dict({"host_bytes": host_blocks * L * PAGE, "load_mode": load_mode, "backend": "host",
+                                   "op_granularity": granularity})
     w = OffloadWorker(cfg, engine_options=engine_options)
     w.register(BlockPool.from_array(kv))
     lead = OffloadLeader(cfg.num_host_blocks(L * PAGE), BS, layerwise=load_mode == "layerwise")
@@ -69,7 +70,7 @@ def test_store_then_load_byte_equal_into_other_blocks():
 
 
 def test_store_waits_for_its_layer():
-    kv, w, lead = make()
+    kv, w, lead = make(granularity="layer")
     lead.plan_stores("r1", [b"x"], [3], 0, 1)
     plan = lead.take_plan()
     w.begin_step(plan)
@@ -111,9 +112,9 @@ def test_injected_load_failure_reports_blocks_and_drops_entries():
     assert lead.lookup("r2", h, 0, 9) == 0  # not offered again
 
 
-@pytest.mark.parametrize("mode", ["layerwise"])
-def test_layerwise_loads_wait_per_layer(mode):
-    kv, w, lead = make(load_mode=mode)
+@pytest.mark.parametrize("granularity", ["layer", "step"])
+def test_layerwise_loads_wait_per_layer(granularity):
+    kv, w, lead = make(load_mode="layerwise", granularity=granularity)
     h = [b"a0"]
     lead.plan_stores("r1", h, [2], 0, 1)
     step(w, lead, kv, writes=[(2, 7)])
@@ -174,14 +175,59 @@ def test_a_load_not_started_in_its_step_is_joined_at_the_next():
     assert (kv[:, 5] == kv[:, 0]).all()
 
 
-def test_stores_of_one_step_share_one_job_per_layer():
-    kv, w, lead = make()
+@pytest.mark.parametrize("granularity, jobs", [("layer", L), ("step", 1), ("auto", 1)])
+def test_stores_of_one_step_share_one_job_per_layer_or_step(granularity, jobs):
+    kv, w, lead = make(granularity=granularity)
     for i, rid in enumerate(("r1", "r2", "r3")):
         lead.plan_stores(rid, [f"{rid}a".encode()], [i], 0, 1)
     step(w, lead, kv, writes=[(0, 1), (1, 2), (2, 3)])
     settle(w, lead)
-    assert w.engine.stats()["completed"] == L  # three requests, one copy job per layer
+    assert w.engine.stats()["completed"] == jobs  # three requests: one copy job per layer, or per step
     assert all(lead.tier.count_hits([f"{r}a".encode()]) == 1 for r in ("r1", "r2", "r3"))
+    assert (w.host_pool.owners[0][:, 0, :3, 0] == [[1, 2, 3], [2, 3, 4], [3, 4, 5]]).all()
+
+
+def test_a_whole_step_store_waits_for_the_last_layer():
+    kv, w, lead = make(granularity="step")
+    lead.plan_stores("r1", [b"x"], [3], 0, 1)
+    plan = lead.take_plan()
+    w.begin_step(plan)
+    for layer in range(L - 1):
+        kv[layer, 3] = 1 + layer
+        w.layer_done(layer)
+        w.engine.wait_idle(5)
+        assert w.engine.stats()["submitted"] == 0  # gated on the last layer
+    kv[L - 1, 3] = L
+    w.layer_done(L - 1)
+    assert w.engine.stats()["submitted"] == 1  # submitted by the last layer's hook, not end_step
+    w.end_step()
+    w.engine.wait_idle(5)
+    res = w.collect()
+    assert res.reports.ops[plan.stores[0].op_id] == [1, 0]
+    slot = plan.stores[0].host_blocks[0]
+    assert [w.host_pool.owners[0][k, 0, slot, 0] for k in range(L)] == [1, 2, 3]
+
+
+def test_a_whole_step_store_waits_for_every_layer_event():
+    """Host events stand in for compute-stream events: the one job waits for each layer's."""
+    import threading
+
+    kv, w, lead = make(granularity="step")
+    lead.plan_stores("r1", [b"x"], [3], 0, 1)
+    plan = lead.take_plan()
+    w.begin_step(plan)
+    events = [threading.Event() for _ in range(L)]
+    for layer in range(L):
+        kv[layer, 3] = 1 + layer
+        w.layer_done(layer, events[layer])
+    w.end_step()
+    for ev in events[1:]:
+        ev.set()
+    assert not w.engine.wait_idle(0.2)  # layer 0's event is not set: nothing copied
+    events[0].set()
+    assert w.engine.wait_idle(5)
+    res = w.collect()
+    assert res.reports.ops[plan.stores[0].op_id] == [1, 0]
 
 
 def test_host_bytes_too_small_and_plan_capacity_mismatch():
@@ -201,6 +247,6 @@ def test_config_errors_name_the_key():
     with pytest.raises(InvalidArgumentError, match="host_bytes"):
         OffloadConfig.from_dict({})
     for key, bad in [("load_mode", "sync"), ("max_inflight", 0), ("backend", "nixl"), ("op_timeout", -1),
-                     ("host_bytes", "4GB")]:
+                     ("host_bytes", "4GB"), ("op_granularity", "request")]:
         with pytest.raises(InvalidArgumentError, match=key):
             OffloadConfig.from_dict({"host_bytes": 1 << 20, key: bad})

@@ -22,12 +22,16 @@ pytest.importorskip("vllm", reason='vLLM is not installed: pip install "kvsched[
 from kvsched.vllm import harness as H  # noqa: E402
 from kvsched.errors import InvalidArgumentError  # noqa: E402
 
-MODES = ["async", "layerwise"]
+# load_mode, and "/layer" for one operation per layer and step (the cuda backend's default; the
+# host backend's is one per step)
+MODES = ["async", "layerwise", "async/layer", "layerwise/layer"]
 BLOCK_BYTES = H.spec().page_size_bytes * H.LAYERS  # one block, all layers, one worker
 
 
 def extra(mode="async", blocks=64, **kw):
-    return {"host_bytes": blocks * BLOCK_BYTES, "load_mode": mode, "backend": "host", **kw}
+    mode, _, granularity = mode.partition("/")
+    return {"host_bytes": blocks * BLOCK_BYTES, "load_mode": mode, "backend": "host",
+            "op_granularity": granularity or "auto", **kw}
 
 
 def wipe_gpu(e: H.Engine) -> None:
@@ -171,15 +175,16 @@ def test_abort_during_a_load(engines):
     e.assert_empty()
 
 
-def test_abort_during_a_store(engines):
+@pytest.mark.parametrize("mode", ["async", "async/layer"])
+def test_abort_during_a_store(engines, mode):
     gate = Gate("store")
     gate.open.set()
-    e = engines(extra("async"), fault_hook=gate)
+    e = engines(extra(mode), fault_hook=gate)
     p = H.prompt(8, 100)
     e.add("a", p, 20)
     gate.open.clear()
     gate.entered.clear()
-    e.step()  # prefill: 6 stores gated on this step's layers; the first copy holds in the gate
+    e.step()  # prefill: 6 stores gated on this step's layers; the (first) copy holds in the gate
     assert gate.entered.wait(10)
     e.abort("a")
     for _ in range(3):
@@ -271,6 +276,7 @@ def test_stats_reach_vllm(engines):
     ({"host_bytes": 1 << 20, "backend": "tpu"}, "backend"),
     ({"host_bytes": 1 << 20, "max_inflight": 0}, "max_inflight"),
     ({"host_bytes": 1 << 20, "op_timeout": "soon"}, "op_timeout"),
+    ({"host_bytes": 1 << 20, "op_granularity": "request"}, "op_granularity"),
     ({"host_bytes": 1 << 20, "hostbytes": 1}, "hostbytes"),
 ])
 def test_bad_configuration_fails_at_start_up(bad, key):

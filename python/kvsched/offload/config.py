@@ -12,6 +12,7 @@ __all__ = ["OffloadConfig"]
 
 _LOAD_MODES = ("async", "layerwise")
 _BACKENDS = ("auto", "host", "cuda")
+_GRANULARITIES = ("auto", "layer", "step")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class OffloadConfig:
     * ``backend``: ``"auto"``, ``"host"`` or ``"cuda"`` (the transfer engine's backend).
     * ``op_timeout``: seconds after which an operation still undecided is cancelled (a load
       then fails and is recomputed; a store never becomes a hit); None: never.
+    * ``op_granularity``: how a step's stores (and layerwise loads) are cut into operations.
+      ``"layer"``: one operation and one transfer job per layer and step, layer k gated on layer
+      k (on a GPU each copy waits for its layer's event and overlaps the rest of the forward
+      pass). ``"step"``: one operation and one job per step for every layer, gated on the step's
+      last layer (one submission per step; nothing to overlap on the host backend, where a copy
+      thread and the forward thread share the CPU and the GIL). ``"auto"``: ``"layer"`` on the
+      cuda backend, ``"step"`` on the host backend.
     """
 
     host_bytes: int
@@ -33,8 +41,9 @@ class OffloadConfig:
     max_inflight: int = 64
     backend: str = "auto"
     op_timeout: float | None = None
+    op_granularity: str = "auto"
 
-    KEYS = ("host_bytes", "load_mode", "max_inflight", "backend", "op_timeout")
+    KEYS = ("host_bytes", "load_mode", "max_inflight", "backend", "op_timeout", "op_granularity")
 
     @classmethod
     def from_dict(cls, extra: Mapping[str, Any] | None, *, where: str = "kv_connector_extra_config") -> "OffloadConfig":
@@ -72,7 +81,13 @@ class OffloadConfig:
             raise InvalidArgumentError(
                 f"{where}: 'op_timeout' must be a positive number of seconds or null, got {op_timeout!r}"
             )
-        return cls(host_bytes, load_mode, max_inflight, backend, None if op_timeout is None else float(op_timeout))
+        granularity = extra.get("op_granularity", "auto")
+        if granularity not in _GRANULARITIES:
+            raise InvalidArgumentError(
+                f"{where}: 'op_granularity' must be one of {_GRANULARITIES}, got {granularity!r}"
+            )
+        return cls(host_bytes, load_mode, max_inflight, backend, None if op_timeout is None else float(op_timeout),
+                   granularity)
 
     def num_host_blocks(self, block_bytes_per_worker: int, world_size: int = 1, *, where: str = "kv_connector_extra_config") -> int:
         """Tier capacity in blocks: ``host_bytes // (world_size * block_bytes_per_worker)``;

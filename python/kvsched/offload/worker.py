@@ -9,26 +9,32 @@ from ``worker.take_finished``, never from polling every request.
 
 Calls per engine step, in the order an engine's model runner makes them::
 
-    begin_step(plan)          # new iteration; cancel/fence preempted and aborted requests;
-                              # stores: one operation per layer for all of the step's stores
-                              # (the step's own slot), layer k gated on LayerComplete(k, it)
+    begin_step(plan)          # cancel/fence preempted and aborted requests; a step with
+                              # stores starts an iteration and joins them in the step's own
+                              # slot: one operation per layer (layer k gated on
+                              # LayerComplete(k, it)) or one per step (gated on the last layer)
     start_loads(event)        # loads: joined now, no requirement (before the forward pass in
                               # layerwise mode, after it in async mode)
     wait_layer_load(k, stream)  # layerwise: layer k waits for its blocks (GPU: the stream
                               # waits on the copy's event; host backend: the CPU waits)
     layer_done(k, event)      # layer k's KV is written: mark it, submit its stores (GPU: the
-                              # copy stream waits for ``event``; the caller never waits)
+                              # copy stream waits for ``event``; the caller never waits); per
+                              # step: the last layer completes the iteration and submits
     end_step()                # mark the iteration complete (layers an engine skipped too)
     collect(finished) -> StepResults   # ended requests, failed blocks, per-op reports
 
-Stores of one step share their per-layer operations: a layer's copy is one transfer job for
-every request that stores in that step (one submit per layer and step). A request's stores
+Stores of one step share their operations: a copy is one transfer job for every request that
+stores in that step, one per layer and step (``op_granularity: "layer"``, the cuda backend's
+default: each layer's copy overlaps the rest of the forward pass) or one per step (``"step"``,
+the host backend's default: no GPU stream to overlap with, and each submission and copy-thread
+wake-up costs the forward thread). A step without stores starts no kvsched iteration, so its
+layer hooks make no call into the core. A request's stores
 are reported, and the request released, when every step batch holding them ended. Stores are
 never cancelled (a batch is shared; it runs within the step's forward pass anyway): an aborted
 request waits for them to drain, a preempted one is fenced until they ended. Loads are per
 request in async mode (one operation in the request's slot, cancelled on abort or preemption)
-and, in layerwise mode, shared per layer by the step's loads like stores (they run within the
-step; layer k's forward waits for layer k's job).
+and, in layerwise mode, shared by the step's loads like stores, per layer or per step (they run
+within the step; layer k's forward waits for the job holding layer k).
 
 Layer marks follow kvsched's S7 (each the next index); a hook that skips layers is covered by
 marking the ones in between, and ``end_step`` marks the whole iteration (S2).
@@ -37,7 +43,6 @@ marking the ones in between, and ``end_step`` marks the whole iteration (S2).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -74,7 +79,7 @@ class StepResults:
 
 class _Op:
     __slots__ = ("op_id", "kind", "req_id", "slot", "gpu", "host", "layers", "parts", "handles", "jobs",
-                 "settled", "cancelled", "ended", "layerwise", "events", "submitted", "t0", "specs")
+                 "settled", "cancelled", "ended", "layerwise", "events", "submitted", "specs", "pairs")
 
     def __init__(self, op_id: int, kind: int, req_id: str, slot: str, gpu: list[int], host: list[int],
                  layers: list[int | None], layerwise: bool, events: list[Any] | None) -> None:
@@ -90,8 +95,8 @@ class _Op:
         self.layerwise = layerwise
         self.events = events  # stores: the iteration's per-layer compute events (GPU)
         self.submitted = 0
-        self.t0 = time.perf_counter()
         self.specs: list[Any] = []  # a batch: the requests' StoreSpecs (or layerwise LoadSpecs) it carries
+        self.pairs: Any = None  # (N, 2) source and destination block ids, made at the first submit
 
 
 class OffloadWorker:
@@ -107,16 +112,26 @@ class OffloadWorker:
         self._engine_options = dict(engine_options or {})
         self.scheduler: Any = None
         self.engine: Any = None
+        self._w: Any = None  # the scheduler's worker and transfer sides
+        self._t: Any = None
         self.gpu_pool: BlockPool | None = None
         self.host_pool: BlockPool | None = None
         self.host_blocks = 0
         self.num_layers = 0
         self._host_owner: Any = None
         self._iteration = 0
+        self._step = 0  # begin_step calls: names the step's batch slots
         self._next_layer = 0
         self._in_iteration = False
         self._events: list[Any] = []
-        self._ops: dict[Any, tuple[_Op, int]] = {}  # part uuid -> (op, part index), until dispatched
+        # Parts joined and not dispatched yet: part uuid -> (op, part index). A part gated on a
+        # layer of this iteration waits in _gates[layer] until that layer is marked (its
+        # decision is read then, not at every hook); every other one is in _waiting (its
+        # decision is read at each hook until it is decided: loads, and parts a token was not
+        # free for when their gate opened).
+        self._ops: dict[Any, tuple[_Op, int]] = {}
+        self._gates: dict[int, list[Any]] = {}
+        self._waiting: dict[Any, None] = {}  # an ordered set of part uuids
         self._slot_ops: dict[str, list[_Op]] = {}  # slot -> ops not yet ended
         self._rid_slot: dict[str, str] = {}  # request -> its current slot
         self._rid_slots: dict[str, set[str]] = {}  # request -> its load slots not yet removed
@@ -128,9 +143,9 @@ class OffloadWorker:
         self._step_loads: list[LoadSpec] = []
         self._fenced: StepPlan | None = None  # the plan whose preemptions were fenced already
         self._layer_loads: list[_Op] = []
+        self._per_layer = True  # op_granularity: set by register() once the backend is known
         self._results = StepResults()
         self.stats = _new_stats()
-        self.cpu_s = 0.0
 
     # ------------------------------------------------------------------------------ setup
 
@@ -151,10 +166,19 @@ class OffloadWorker:
         self.scheduler = Scheduler(
             max_inflight=self.config.max_inflight, op_timeout=self.config.op_timeout, num_layers=self.num_layers,
         )
-        self.engine = TransferEngine(self.scheduler, backend=self.config.backend, **self._engine_options)
-        log.info("kvsched offload worker %d/%d: %d host blocks of %d bytes x %d layers, backend %s",
-                 self.rank, self.world_size, self.host_blocks, gpu_pool.block_bytes, self.num_layers,
-                 self.engine.backend)
+        self._w, self._t = self.scheduler.worker, self.scheduler.transfer
+        options = dict(self._engine_options)
+        if "host" not in options:
+            # One host copy thread: a step's few small jobs then wake one thread, not one each
+            # (a wake-up costs the submitting thread tens of microseconds on a VM), and copies
+            # of one step run in order anyway.
+            options.setdefault("workers", 1)
+        self.engine = TransferEngine(self.scheduler, backend=self.config.backend, **options)
+        granularity = self.config.op_granularity
+        self._per_layer = granularity == "layer" or (granularity == "auto" and self.engine.backend == "cuda")
+        log.info("kvsched offload worker %d/%d: %d host blocks of %d bytes x %d layers, backend %s, "
+                 "operations per %s", self.rank, self.world_size, self.host_blocks, gpu_pool.block_bytes,
+                 self.num_layers, self.engine.backend, "layer" if self._per_layer else "step")
 
     def _make_host_pool(self, gpu_pool: BlockPool, n: int) -> BlockPool:
         shape = (gpu_pool.num_layers, gpu_pool.num_pieces, n, gpu_pool.piece_bytes)
@@ -173,20 +197,18 @@ class OffloadWorker:
 
     # ------------------------------------------------------------------------------ step
 
-    def begin_step(self, plan: StepPlan | None) -> int:
-        """Start an iteration and take the plan's cancellations and stores (loads wait for
-        :meth:`start_loads`). Returns the kvsched iteration number."""
-        t0 = time.thread_time()
+    def begin_step(self, plan: StepPlan | None) -> int | None:
+        """Start a step and take the plan's cancellations and stores (loads wait for
+        :meth:`start_loads`). A step with stores starts a kvsched iteration, whose layers gate
+        them; a step without (most decode steps) starts none, and its layer hooks cost nothing:
+        no operation waits on its layers. Returns the iteration number, or None."""
         self._require_registered()
-        w, t = self.scheduler.worker, self.scheduler.transfer
         if self._in_iteration:  # the previous step's hooks never ended it
             self._end_iteration()
         if self._step_loads:  # an engine that skipped start_load_kv: join them now, never drop one
             self.start_loads()
-        self._iteration = w.start_next_iteration()
-        self._in_iteration = True
+        self._step += 1
         self._next_layer = 0
-        self._events = []
         self._layer_loads = []
         if plan is not None:
             if plan.host_blocks and plan.host_blocks != self.host_blocks:
@@ -200,13 +222,16 @@ class OffloadWorker:
             for rid in plan.aborted:
                 self._cancel_request(rid, fence=False, new_generation=False)
             if plan.stores:
+                self._iteration = self._w.start_next_iteration()
+                self._in_iteration = True
+                self._events = []
                 self._join_stores(plan.stores)
-            self._step_loads = list(plan.loads)
+            if plan.loads:
+                self._step_loads = list(plan.loads)
             for rid in plan.release:
                 self._release.add(rid)
                 self._finished_rids.add(rid)
-        self.cpu_s += time.thread_time() - t0
-        return self._iteration
+        return self._iteration if self._in_iteration else None
 
     def fence_preempted(self, plan: StepPlan | None) -> None:
         """The plan's preempted requests: cancel their loads that have not started and wait
@@ -215,33 +240,40 @@ class OffloadWorker:
         for a plan that did not get it."""
         if plan is None or not plan.preempted:
             return
-        t0 = time.thread_time()
         self._require_registered()
         for rid in plan.preempted:
             self._cancel_request(rid, fence=True, new_generation=True)
         self._fenced = plan
-        self.cpu_s += time.thread_time() - t0
 
     def _join_stores(self, specs: list[StoreSpec]) -> None:
-        """This step's stores, all requests together: one kvsched operation per layer in the
-        step's own slot, layer k gated on ``LayerComplete(k, iteration)``. A layer's copy is
-        then one transfer job for every request (one submit per layer, not per layer and
-        request); each request's store is reported when all layers of its step ended."""
-        w, t, it, L = self.scheduler.worker, self.scheduler.transfer, self._iteration, self.num_layers
-        slot = f"\x01step{it}"
+        """This step's stores, all requests together, in the step's own slot: per layer (one
+        kvsched operation per layer, layer k gated on ``LayerComplete(k, iteration)``) or per
+        step (one operation for every layer, gated on the last layer). A copy is then one
+        transfer job for every request (one submit per layer or per step, not per request);
+        each request's store is reported when all parts of its step's batch ended."""
+        w, t, it, L = self._w, self._t, self._iteration, self.num_layers
+        slot = f"\x01step{self._step}"
         w.create_slot(slot)
         self._slot_ops[slot] = []
         gpu = [b for spec in specs for b in spec.gpu_blocks]
         host = [b for spec in specs for b in spec.host_blocks]
         op_id = specs[0].op_id  # the batch's kvsched uuids derive from its first store's id
-        op = _Op(op_id, 1, slot, slot, gpu, host, list(range(L)), False, self._events)
+        layers: list[int | None] = list(range(L)) if self._per_layer else [None]
+        op = _Op(op_id, 1, slot, slot, gpu, host, layers, False, self._events)
         op.specs = list(specs)
-        uuids = [layer_uuid(op_id, k) for k in range(L)]
+        uuids = [layer_uuid(op_id, k) for k in range(op.parts)]
         w.enqueue_many(slot, uuids, TransferKind.STORE)
         self._slot_ops[slot].append(op)
-        for k, u in enumerate(uuids):
-            op.handles[k] = t.schedule(slot, u, LayerComplete(k, it))
-            self._ops[u] = (op, k)
+        ops, gates = self._ops, self._gates
+        if self._per_layer:
+            for k, u in enumerate(uuids):
+                op.handles[k] = t.schedule(slot, u, LayerComplete(k, it))
+                ops[u] = (op, k)
+                gates.setdefault(k, []).append(u)
+        else:  # the last layer implies every earlier one (layer marks are in order, S7)
+            op.handles[0] = t.schedule(slot, uuids[0], LayerComplete(L - 1, it))
+            ops[uuids[0]] = (op, 0)
+            gates.setdefault(L - 1, []).append(uuids[0])
         for spec in specs:
             self._rid_batches.setdefault(spec.req_id, set()).add(slot)
         self.stats["stores"] += len(specs)
@@ -256,7 +288,7 @@ class OffloadWorker:
                     u = layer_uuid(op.op_id, k)
                     if u in self._ops:
                         op.handles[k].wait(timeout)
-                        self._dispatch_one(op.handles[k], *self._ops.pop(u))
+                        self._dispatch_one(op.handles[k], *self._take(u))
                 job = op.jobs[k]
                 if job is not None and not job.done():
                     job.wait(timeout)
@@ -267,25 +299,27 @@ class OffloadWorker:
         reads of reused blocks)."""
         if not self._step_loads:
             return
-        t0 = time.thread_time()
-        w, t, L = self.scheduler.worker, self.scheduler.transfer, self.num_layers
+        w, t, L = self._w, self._t, self.num_layers
+        ops, waiting = self._ops, self._waiting
         loads, self._step_loads = self._step_loads, []
         events = [wait_event] if wait_event is not None else None
         layerwise = [spec for spec in loads if spec.layerwise]
-        if layerwise:  # one operation per layer for all of them, in the step's load slot
-            slot = f"\x02load{self._iteration}"
+        if layerwise:  # one operation per layer (or one per step) for all of them, in the step's load slot
+            slot = f"\x02load{self._step}"
             if slot not in self._slot_ops:
                 w.create_slot(slot)
                 self._slot_ops[slot] = []
+            layers: list[int | None] = list(range(L)) if self._per_layer else [None]
             op = _Op(layerwise[0].op_id, 0, slot, slot, [b for sp in layerwise for b in sp.gpu_blocks],
-                     [b for sp in layerwise for b in sp.host_blocks], list(range(L)), True, events)
+                     [b for sp in layerwise for b in sp.host_blocks], layers, True, events)
             op.specs = layerwise
-            uuids = [layer_uuid(op.op_id, k) for k in range(L)]
+            uuids = [layer_uuid(op.op_id, k) for k in range(op.parts)]
             w.enqueue_many(slot, uuids, TransferKind.LOAD)
             self._slot_ops[slot].append(op)
             for k, h in enumerate(t.schedule_many(slot, uuids)):
                 op.handles[k] = h
-                self._ops[uuids[k]] = (op, k)
+                ops[uuids[k]] = (op, k)
+                waiting[uuids[k]] = None
             self._layer_loads.append(op)
             for sp in layerwise:
                 self._rid_batches.setdefault(sp.req_id, set()).add(slot)
@@ -299,10 +333,10 @@ class OffloadWorker:
             w.enqueue(slot, u, TransferKind.LOAD)
             self._slot_ops[slot].append(op)
             op.handles[0] = t.schedule(slot, u)
-            self._ops[u] = (op, 0)
+            ops[u] = (op, 0)
+            waiting[u] = None
             self.stats["loads"] += 1
         self._dispatch()
-        self.cpu_s += time.thread_time() - t0
 
     def wait_layer_load(self, layer: int, stream: Any = None, timeout: float = 60.0) -> None:
         """Layerwise mode: layer ``layer`` of this step's loads has landed before the layer
@@ -310,58 +344,80 @@ class OffloadWorker:
         stream): the CPU waits for the copy."""
         if not self._layer_loads:
             return
-        t0 = time.thread_time()
         for op in self._layer_loads:
-            job = op.jobs[layer]
+            part = layer if op.parts > 1 else 0  # one part for every layer: waited for at the first
+            job = op.jobs[part]
             if job is None and not op.cancelled:
                 self._dispatch()
-                job = op.jobs[layer]
-                h = op.handles[layer]
-                if job is None and h is not None and (u := layer_uuid(op.op_id, layer)) in self._ops:
+                job = op.jobs[part]
+                h = op.handles[part]
+                if job is None and h is not None and (u := layer_uuid(op.op_id, part)) in self._ops:
                     h.wait(timeout)  # a token is not free yet: loads go first, so this is short
-                    self._dispatch_one(h, *self._ops.pop(u))
-                    job = op.jobs[layer]
+                    self._dispatch_one(h, *self._take(u))
+                    job = op.jobs[part]
             if job is None:
                 continue  # cancelled: reported as failed blocks at collect()
             if stream is not None and self.engine.backend == "cuda" and job.kind == "h2d":
                 job.wait_on(stream)
             else:
                 job.wait(timeout)
-        self.cpu_s += time.thread_time() - t0
+
+    @property
+    def wants_layer_events(self) -> bool:
+        """True while this step's layers gate stores: only then does :meth:`layer_done` use a
+        compute event (an engine may skip recording one otherwise)."""
+        return self._in_iteration
+
+    @property
+    def has_step_loads(self) -> bool:
+        """True when :meth:`start_loads` has loads to join (an engine may skip recording the
+        compute event for it otherwise)."""
+        return bool(self._step_loads)
 
     def layer_done(self, layer: int, compute_event: Any = None) -> None:
-        """Layer ``layer``'s KV of this step is written. Marks it (and any layers an engine hook
-        skipped before it) and submits the stores it released; on a GPU ``compute_event`` (the
-        compute stream's event after the layer) is what their copies wait for."""
-        if not self._in_iteration or layer < self._next_layer:
+        """Layer ``layer``'s KV of this step is written; on a GPU ``compute_event`` (the compute
+        stream's event after the layer) is what the stores' copies wait for. Per layer: marks
+        it (and any layers an engine hook skipped before it) and submits the stores it
+        released. Per step: the last layer completes the iteration and submits the step's
+        store; an earlier layer only keeps its event (nothing waits on it alone)."""
+        k = self._next_layer
+        if layer < k or not self._in_iteration:
             return
-        t0 = time.thread_time()
-        w = self.scheduler.worker
-        while len(self._events) < layer:
-            self._events.append(compute_event)
-        self._events.append(compute_event)
-        while self._next_layer <= layer:
-            w.mark_layer_complete(self._next_layer)
-            self._next_layer += 1
-        self._dispatch()
-        self.cpu_s += time.thread_time() - t0
+        events = self._events
+        while len(events) < layer:
+            events.append(compute_event)
+        events.append(compute_event)
+        if not self._per_layer:
+            self._next_layer = layer + 1
+            if layer >= self.num_layers - 1:
+                self._end_iteration()
+                if self._waiting:
+                    self._dispatch()
+            return
+        mark, gates = self._w.mark_layer_complete, self._gates
+        while k <= layer:
+            mark(k)
+            self._next_layer = k = k + 1
+            if gates:
+                self._open_gate(k - 1)
+        if self._waiting:
+            self._dispatch()
 
     def end_step(self) -> None:
-        """The forward pass ended: every layer of this iteration is complete."""
+        """The forward pass ended: every layer of this step's iteration is complete."""
         if self._in_iteration:
-            t0 = time.thread_time()
             self._end_iteration()
+        if self._waiting:
             self._dispatch()
-            self.cpu_s += time.thread_time() - t0
 
     def collect(self, finished_req_ids: Iterable[str] = ()) -> StepResults:
         """Outcomes since the last call: see :class:`StepResults`. ``finished_req_ids``: the
         requests the engine finished this step (their slots are removed once drained)."""
-        t0 = time.thread_time()
         self._require_registered()
         self._dispatch()
-        w = self.scheduler.worker
-        self._finished_rids.update(finished_req_ids)
+        w = self._w
+        if finished_req_ids:
+            self._finished_rids.update(finished_req_ids)
         # Layerwise loads end within their step (each layer waited for its part): their
         # outcome is reported now, not when the request's slot drains (vLLM wants a failed
         # synchronous load in the step that ran it).
@@ -371,7 +427,7 @@ class OffloadWorker:
         for slot in w.take_finished():
             self._finish_slot(slot)
         done_rids = [rid for rid in self._finished_rids
-                     if not self._rid_slots.get(rid) and not self._rid_batches.get(rid)]
+                     if not self._rid_slots.get(rid) and not self._rid_batches.get(rid)] if self._finished_rids else ()
         for rid in done_rids:
             self._finished_rids.discard(rid)
             self._rid_slot.pop(rid, None)
@@ -383,7 +439,6 @@ class OffloadWorker:
                 self._release.discard(rid)
                 self._results.finished_sending.add(rid)
         results, self._results = self._results, StepResults()
-        self.cpu_s += time.thread_time() - t0
         return results
 
     # ------------------------------------------------------------------------------ internals
@@ -393,15 +448,17 @@ class OffloadWorker:
             raise KvschedError("OffloadWorker.register() must be called before the first step")
 
     def _end_iteration(self) -> None:
-        self.scheduler.worker.mark_iteration_complete()
+        self._w.mark_iteration_complete()
         self._in_iteration = False
+        for layer in list(self._gates):  # every layer of the iteration is complete now
+            self._open_gate(layer)
 
     def _slot(self, rid: str) -> str:
         slot = self._rid_slot.get(rid)
         if slot is None:
             gen = self._generation.get(rid, 0)
             slot = rid if gen == 0 else f"{rid}\x00{gen}"
-            self.scheduler.worker.create_slot(slot)
+            self._w.create_slot(slot)
             self._rid_slot[rid] = slot
             self._rid_slots.setdefault(rid, set()).add(slot)
             self._slot_ops[slot] = []
@@ -413,7 +470,7 @@ class OffloadWorker:
         (the engine freed them). A load cancelled while its copy ran counts as failed: its
         blocks are recomputed, never trusted."""
         slots = self._rid_slots.get(rid, ())
-        w = self.scheduler.worker
+        w = self._w
         for slot in slots:
             for op in self._slot_ops.get(slot, ()):
                 op.cancelled = True
@@ -429,18 +486,49 @@ class OffloadWorker:
             self._generation[rid] = self._generation.get(rid, 0) + 1
 
     def _dispatch(self) -> None:
-        """Submit the joined operations that kvsched has decided since the last call.
+        """Submit the waiting parts that kvsched has decided since the last call.
 
-        Reads each undelivered handle's ``decision`` (about 0.3 us) rather than calling
-        ``transfer.poll``, which costs about 20 us of CPU (80 us wall) per call even when empty;
-        the undelivered handles are the few of the steps in flight."""
-        ops = self._ops
-        if not ops:
+        Reads each waiting handle's ``decision`` rather than calling ``transfer.poll`` (which
+        costs more even when empty); parts gated on a layer of this iteration are not read
+        until their layer is marked (``_open_gate``), so a hook reads only the few parts that
+        can have been decided."""
+        waiting = self._waiting
+        if not waiting:
             return
-        ready = [(u, entry) for u, entry in ops.items() if entry[0].handles[entry[1]].decision is not None]
-        for u, (op, part) in ready:
-            del ops[u]
-            self._dispatch_one(op.handles[part], op, part)
+        ops = self._ops
+        ready = []
+        for u in waiting:
+            entry = ops.get(u)
+            if entry is None or entry[0].handles[entry[1]].decision is not None:
+                ready.append(u)
+        for u in ready:
+            del waiting[u]
+            entry = ops.pop(u, None)
+            if entry is not None:
+                self._dispatch_one(entry[0].handles[entry[1]], *entry)
+
+    def _open_gate(self, layer: int) -> None:
+        """``layer`` was marked: submit the parts gated on it that kvsched decided (EXECUTE, or
+        CANCEL on a timeout); a part no token was free for waits for the next hooks."""
+        uuids = self._gates.pop(layer, None)
+        if not uuids:
+            return
+        ops, waiting = self._ops, self._waiting
+        for u in uuids:
+            entry = ops.get(u)
+            if entry is None:
+                continue  # dispatched already (a fence)
+            h = entry[0].handles[entry[1]]
+            if h.decision is None:
+                waiting[u] = None
+            else:
+                del ops[u]
+                self._dispatch_one(h, *entry)
+
+    def _take(self, u: Any) -> tuple[_Op, int]:
+        """Part ``u``'s entry, no longer waiting (the caller dispatches it)."""
+        self._waiting.pop(u, None)
+        return self._ops.pop(u)
 
     def _dispatch_one(self, h: Any, op: _Op, part: int) -> None:
         if h.decision != _EXECUTE:
@@ -453,12 +541,22 @@ class OffloadWorker:
             return
         layer = op.layers[part]
         layers = None if layer is None else [layer]
+        pairs = op.pairs
         if op.kind == 0:
-            src, dst, pairs = self.host_pool, self.gpu_pool, np.array([op.host, op.gpu], dtype=np.int64).T
+            if pairs is None:
+                pairs = op.pairs = np.array([op.host, op.gpu], dtype=np.int64).T
+            src, dst = self.host_pool, self.gpu_pool
             kwargs = {"wait_event": op.events[0]} if op.events else {}
         else:
-            src, dst, pairs = self.gpu_pool, self.host_pool, np.array([op.gpu, op.host], dtype=np.int64).T
-            ev = op.events[layer] if op.events is not None and layer is not None and layer < len(op.events) else None
+            if pairs is None:
+                pairs = op.pairs = np.array([op.gpu, op.host], dtype=np.int64).T
+            src, dst = self.gpu_pool, self.host_pool
+            if op.events is None:
+                ev: Any = None
+            elif layer is not None:
+                ev = op.events[layer] if layer < len(op.events) else None
+            else:  # a whole-step store: every layer's event (a hook may repeat one for skipped layers)
+                ev = _distinct(op.events)
             kwargs = {"compute_event": ev} if ev is not None else {}
         try:
             op.jobs[part] = self.engine.submit(h, src, dst, pairs, layers, **kwargs)
@@ -474,7 +572,7 @@ class OffloadWorker:
                 u = layer_uuid(op.op_id, k)
                 if u in self._ops:
                     op.handles[k].wait(timeout)
-                    self._dispatch_one(op.handles[k], *self._ops.pop(u))
+                    self._dispatch_one(op.handles[k], *self._take(u))
             if op.jobs[k] is not None:
                 op.jobs[k].wait(timeout)
         self._end_op(op, ())
@@ -483,9 +581,11 @@ class OffloadWorker:
         ops = self._slot_ops.get(slot)
         if ops is None:
             return
-        w = self.scheduler.worker
-        status = w.slot_status(slot)
-        failed_uuids = {u for u, _ in status.errors} if status.errors else ()
+        w = self._w
+        # No slot_status(): every error the core records for these operations comes from a
+        # handle this worker read or marked (a failed copy's job, a failed submit or a cancelled
+        # part marked failed here, a CANCEL decision on cancel or timeout), all in _Op.
+        failed_uuids = ()
         if not w.is_complete(slot):
             # The slot completed, then this step joined new operations into it: end the ones
             # that had ended; take_finished reports the slot again when the rest end.
@@ -500,7 +600,7 @@ class OffloadWorker:
         for op in ops:
             self._end_op(op, failed_uuids)
         del self._slot_ops[slot]
-        self.scheduler.worker.remove_slot(slot)
+        w.remove_slot(slot)
         if slot[0] in "\x01\x02":  # a step's store or layerwise-load batch
             for op in ops:
                 for spec in op.specs:
@@ -555,6 +655,15 @@ class OffloadWorker:
             self.engine.close(timeout)
         if self.scheduler is not None:
             self.scheduler.close()
+
+
+def _distinct(events: list[Any]) -> Any:
+    """The events of ``events`` that are not None, each once: None, one event, or a list."""
+    out: list[Any] = []
+    for ev in events:
+        if ev is not None and not any(ev is seen for seen in out):
+            out.append(ev)
+    return None if not out else out[0] if len(out) == 1 else out
 
 
 def _rid_of(slot: str) -> str:

@@ -9,7 +9,6 @@ both, step by step.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +122,6 @@ class KvschedConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._cuda = False
         self._last_stats = {"hit_tokens": 0, "lookup_tokens": 0, "evictions": 0, "stores_skipped_full": 0}
-        self.cpu_s = 0.0  # host CPU time spent in this connector's hooks (thread time)
         if role == KVConnectorRole.SCHEDULER:
             if kv_cache_config is None:
                 raise InvalidArgumentError("KvschedConnector needs vLLM's kv_cache_config (vLLM >= 0.33)")
@@ -143,10 +141,8 @@ class KvschedConnector(KVConnectorBase_V1):
     # ================================================================== scheduler side
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        t0 = time.thread_time()
         self._requests[request.request_id] = request
         n = self.leader.lookup(request.request_id, request.block_hashes, num_computed_tokens, request.num_tokens)
-        self.cpu_s += time.thread_time() - t0
         if n is None:  # the next block is being stored: vLLM asks again at a later step
             return None, False
         return n, n > 0 and not self.layerwise
@@ -154,13 +150,10 @@ class KvschedConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
             return
-        t0 = time.thread_time()
         self._requests[request.request_id] = request
         self.leader.plan_load(request.request_id, request.block_hashes, blocks.get_block_ids()[0], num_external_tokens)
-        self.cpu_s += time.thread_time() - t0
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        t0 = time.thread_time()
         leader, bs = self.leader, self.block_size
         for rid in scheduler_output.preempted_req_ids or ():
             leader.preempted(rid)
@@ -176,7 +169,6 @@ class KvschedConnector(KVConnectorBase_V1):
             block_ids = manager.get_block_ids(rid)[0] if manager is not None else _scheduled_block_ids(scheduler_output, rid)
             leader.plan_stores(rid, req.block_hashes, block_ids, first, end)
         meta = KvschedConnectorMetadata(leader.take_plan())
-        self.cpu_s += time.thread_time() - t0
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -190,9 +182,7 @@ class KvschedConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KvschedWorkerMetadata):
-            t0 = time.thread_time()
             self.leader.on_reports(meta.reports)
-            self.cpu_s += time.thread_time() - t0
 
     def reset_cache(self) -> bool | None:
         if self.leader is not None:
@@ -227,27 +217,24 @@ class KvschedConnector(KVConnectorBase_V1):
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        t0 = time.thread_time()
         plan = connector_metadata.plan if isinstance(connector_metadata, KvschedConnectorMetadata) else None
         self.worker.begin_step(plan)
-        self.cpu_s += time.thread_time() - t0
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         # vLLM calls this before it zeroes or reuses the blocks it took from preempted
         # requests: cancel their pending loads, wait until no copy touches those blocks.
         if isinstance(kv_connector_metadata, KvschedConnectorMetadata):
-            t0 = time.thread_time()
             self.worker.fence_preempted(kv_connector_metadata.plan)
-            self.cpu_s += time.thread_time() - t0
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        t0 = time.thread_time()
+        worker = self.worker
+        if not worker.has_step_loads:
+            return
         event = None
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        self.worker.start_loads(wait_event=event)
-        self.cpu_s += time.thread_time() - t0
+        worker.start_loads(wait_event=event)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self.layerwise:
@@ -255,33 +242,28 @@ class KvschedConnector(KVConnectorBase_V1):
         idx = self._layer_index.get(layer_name)
         if idx is None:
             return
-        t0 = time.thread_time()
         self.worker.wait_layer_load(idx, torch.cuda.current_stream() if self._cuda else None)
-        self.cpu_s += time.thread_time() - t0
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        worker = self.worker
+        if not worker.wants_layer_events:
+            return  # no store in this step: nothing waits on its layers
         idx = self._layer_index.get(layer_name)
         if idx is None:
             return
-        t0 = time.thread_time()
         event = None
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        self.worker.layer_done(idx, event)
-        self.cpu_s += time.thread_time() - t0
+        worker.layer_done(idx, event)
 
     def wait_for_save(self) -> None:
         # Never waits for a copy: stores are reported when they end.
-        t0 = time.thread_time()
         self.worker.end_step()
-        self.cpu_s += time.thread_time() - t0
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        t0 = time.thread_time()
         res = self.worker.collect(finished_req_ids)
         self._step = res
-        self.cpu_s += time.thread_time() - t0
         return res.finished_sending or None, res.finished_recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
