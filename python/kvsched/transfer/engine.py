@@ -83,7 +83,8 @@ if hasattr(os, "register_at_fork"):
 _CUDA_OPTIONS = ("device", "max_stream_ops", "batch", "batch_chunk", "auto_pin", "poll_interval", "sm_copy",
                  "sm_ctas", "calibration", "runtime", "driver")
 # NixlOptions' poll_interval is given only through nixl=NixlOptions(...): the keyword is the cuda one.
-_NIXL_OPTIONS = ("agent_name", "listen_port", "transfer_timeout", "remote_timeout", "max_early_notifications")
+_NIXL_OPTIONS = ("agent_name", "listen_port", "progress_thread", "transfer_timeout", "remote_timeout",
+                 "max_early_notifications")
 
 
 class TransferEngine:
@@ -567,6 +568,8 @@ def _checked_nixl_options(options: dict[str, Any]) -> dict[str, Any]:
     if name is not None:
         if not isinstance(name, str) or not name or len(name) > 200 or any(ord(c) < 32 for c in name):
             raise InvalidArgumentError(f"agent_name must be a non-empty printable str, got {short_repr(name)}")
+    if "progress_thread" in out and not isinstance(out["progress_thread"], bool):
+        raise TypeError(f"progress_thread must be a bool, not {type(out['progress_thread']).__name__}")
     if out.get("listen_port") is not None:
         out["listen_port"] = check_int("listen_port", out["listen_port"], 1, 65535)
     for key in ("transfer_timeout", "remote_timeout"):

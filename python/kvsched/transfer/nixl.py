@@ -119,6 +119,7 @@ class NixlBackend:
         *,
         agent_name: str | None = None,
         listen_port: int | None = None,
+        progress_thread: bool = False,
         transfer_timeout: float = 60.0,
         remote_timeout: float = 60.0,
         poll_interval: tuple[float, float] = (20e-6, 2e-3),
@@ -130,13 +131,14 @@ class NixlBackend:
         self._api = api
         self.agent_name = agent_name or f"kvsched-{os.getpid()}-{uuid_module.uuid4().hex[:12]}"
         config = api.nixl_agent_config(
-            enable_prog_thread=True,  # two agents in one process never complete without it
+            enable_prog_thread=progress_thread,
             enable_listen_thread=listen_port is not None,
             listen_port=listen_port or 0,
             backends=["UCX"],
         )
         self._agent = api.nixl_agent(self.agent_name, config)
         self.listening = listen_port is not None
+        self.progress_thread = progress_thread
         if "UCX" not in self._agent.backends:
             raise TransferError(f"NIXL started without its UCX backend (plugins: {self._agent.plugin_list})")
         self.transfer_timeout = transfer_timeout
@@ -456,7 +458,10 @@ class NixlBackend:
                     delay = min(delay * 2, self.poll_max)
                 busy = self._inflight or self._deferred or self._expected
                 # Idle: still look at notifications now and then (early ones, pool descriptions).
-                self._wake.wait(delay if busy else max(self.poll_max, 0.02))
+                # Without NIXL's progress thread, these polls are what progresses UCX (incoming
+                # transfers too), so the idle poll stays at poll_max.
+                idle = self.poll_max if not self.progress_thread else max(self.poll_max, 0.02)
+                self._wake.wait(delay if busy else idle)
 
     def _poll_locked(self, finished: list[tuple[TransferJob, Any]]) -> bool:
         now = time.monotonic()

@@ -69,6 +69,9 @@ class NixlOptions:
     agent_name: str | None = None
     #: start NIXL's listener thread on this port (for ``connect``); None: no listener
     listen_port: int | None = None
+    #: run NIXL's progress thread, which spins a core even when idle (docs/disaggregation.md
+    #: "CPU"); False: the engine's completion thread progresses UCX when it polls
+    progress_thread: bool = False
     #: seconds a transfer may stay in progress before it is cancelled and failed
     transfer_timeout: float = 60.0
     #: seconds ``expect_remote`` waits for the peer's notification before failing the operation
