@@ -98,8 +98,8 @@ class TransferEngine:
       its operation): the argument is accepted as the contract's ``TransferEngine(s, ...)``
       says, and the ``scheduler`` attribute that kept it is deprecated (it warns, and goes in
       the next release).
-    * ``backend``: ``"auto"``, ``"host"`` or ``"cuda"``; :attr:`backend` says what was chosen,
-      :attr:`backend_reason` why.
+    * ``backend``: ``"auto"``, ``"host"``, ``"cuda"`` or ``"nixl"``; :attr:`backend` says what
+      was chosen, :attr:`backend_reason` why.
     * ``max_pending``: unfinished jobs allowed per backend before ``submit`` raises
       ``TransferQueueFullError``.
     * ``host``, ``cuda``: a :class:`~kvsched.transfer.HostOptions` /
@@ -116,6 +116,11 @@ class TransferEngine:
       ``batch_chunk`` (most copies per batch call), ``auto_pin`` (page-lock host pools on first
       use), ``poll_interval`` ((min, max) seconds between reaper polls), ``sm_copy``, ``sm_ctas``
       and ``calibration`` (the SM copy path and the per-job path choice; docs/gpu_copies.md).
+    * ``nixl``: a :class:`~kvsched.transfer.NixlOptions`; its fields but ``poll_interval`` may be
+      keywords too: ``agent_name``, ``listen_port``, ``progress_thread``, ``transfer_timeout``,
+      ``remote_timeout``, ``max_early_notifications`` (docs/disaggregation.md). A nixl engine
+      takes remote pools (:meth:`import_pool`) in :meth:`submit` and runs local host-to-host
+      jobs on an internal host backend.
 
     Test seams (for kvsched's own tests and fault injection; production code leaves them unset):
 
