@@ -7,6 +7,9 @@ the other in one run, and the script reports for each:
 * tokens served from the host tier (vLLM's connector prefix-cache hits);
 * host CPU time per engine step in the connector's own methods, on the scheduler side and on
   the worker side (thread CPU time of the calling thread, summed over the connector's hooks);
+  kvsched's connector once with the host backend's default (one store operation per step) and
+  once with one operation per layer and step (the cuda backend's default, whose submission
+  pattern and Python path this measures through the host backend);
 * steps and wall time of the whole trace.
 
 vLLM's OffloadingConnector moves bytes with CUDA (``CPUOffloadingWorker``: pinned mmap region,
@@ -232,11 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     block_bytes = H.spec().page_size_bytes * H.LAYERS
     host_bytes = args.tier_blocks * block_bytes
     waves = trace(args.requests, args.seed)
+    # The host backend's default cuts a step's stores (and layerwise loads) into one operation
+    # per step; "per layer" is the cuda backend's default (one gated operation and copy job per
+    # layer and step), measured here through the host backend: its submission pattern and
+    # Python path, with host copy threads in place of CUDA streams.
     configs = [
         ("kvsched async", "KvschedConnector", "kvsched.vllm",
          {"host_bytes": host_bytes, "backend": "host", "load_mode": "async"}),
         ("kvsched layerwise", "KvschedConnector", "kvsched.vllm",
          {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise"}),
+        ("kvsched async, per layer", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "async", "op_granularity": "layer"}),
+        ("kvsched layerwise, per layer", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise", "op_granularity": "layer"}),
         ("vLLM OffloadingConnector", "OffloadingConnector", None,
          {"cpu_bytes_to_use": host_bytes, "eviction_policy": "lru", "offload_prompt_only": False,
           "spec_name": "BenchCPUOffloadingSpec", "spec_module_path": "vllm_compare"}),
@@ -262,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"vLLM {vllm.__version__}, {args.requests} requests in {len(waves)} waves, tier {args.tier_blocks} blocks "
           f"of {block_bytes} bytes, {H.LAYERS} layers, best of {args.repeat}")
-    print(f"{'connector':26} {'steps':>6} {'tier hits (tokens) per run':>28} {'sched CPU us/step':>18} "
+    print(f"{'connector':29} {'steps':>6} {'tier hits (tokens) per run':>28} {'sched CPU us/step':>18} "
           f"{'worker CPU us/step':>19} {'wall s':>7}")
     for r in results:
         hits = "/".join(str(h) for h in r["hit_tokens_runs"])
-        print(f"{r['connector']:26} {r['steps']:6d} {hits + ' of ' + str(r['prompt_tokens']):>28}"
+        print(f"{r['connector']:29} {r['steps']:6d} {hits + ' of ' + str(r['prompt_tokens']):>28}"
               f"{r['scheduler_cpu_us_per_step']:19.1f} {r['worker_cpu_us_per_step']:19.1f} {r['wall_s']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"vllm": vllm.__version__, "args": {k: str(v) for k, v in vars(args).items()},

@@ -50,7 +50,7 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError, KvschedError
 from kvsched.offload.config import OffloadConfig
-from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec, layer_uuid
+from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec
 from kvsched.pool import BlockPool
 from kvsched.protocol import Decision, LayerComplete, TransferKind
 
@@ -118,6 +118,7 @@ class OffloadWorker:
         self.host_pool: BlockPool | None = None
         self.host_blocks = 0
         self.num_layers = 0
+        self._block_bytes = 0
         self._host_owner: Any = None
         self._iteration = 0
         self._step = 0  # begin_step calls: names the step's batch slots
@@ -157,6 +158,7 @@ class OffloadWorker:
 
         self.gpu_pool = gpu_pool
         self.num_layers = gpu_pool.num_layers
+        self._block_bytes = gpu_pool.block_bytes * gpu_pool.num_layers  # one block, every layer
         self.host_blocks = self.config.num_host_blocks(gpu_pool.block_bytes * gpu_pool.num_layers, self.world_size)
         if host_pool is None:
             host_pool = self._make_host_pool(gpu_pool, self.host_blocks)
@@ -209,14 +211,15 @@ class OffloadWorker:
             self.start_loads()
         self._step += 1
         self._next_layer = 0
-        self._layer_loads = []
+        if self._layer_loads:
+            self._layer_loads = []
         if plan is not None:
             if plan.host_blocks and plan.host_blocks != self.host_blocks:
                 raise InvalidArgumentError(
                     f"the scheduler side plans for {plan.host_blocks} host blocks, this worker has "
                     f"{self.host_blocks}: both must derive the capacity from the same host_bytes and block size"
                 )
-            if self._fenced is not plan:
+            if plan.preempted and self._fenced is not plan:
                 self.fence_preempted(plan)
             self._fenced = None
             for rid in plan.aborted:
@@ -261,7 +264,7 @@ class OffloadWorker:
         layers: list[int | None] = list(range(L)) if self._per_layer else [None]
         op = _Op(op_id, 1, slot, slot, gpu, host, layers, False, self._events)
         op.specs = list(specs)
-        uuids = [layer_uuid(op_id, k) for k in range(op.parts)]
+        uuids = [_part_id(op_id, k) for k in range(op.parts)]
         w.enqueue_many(slot, uuids, TransferKind.STORE)
         self._slot_ops[slot].append(op)
         ops, gates = self._ops, self._gates
@@ -285,7 +288,7 @@ class OffloadWorker:
         for op in ops:
             for k in range(op.parts):
                 if op.jobs[k] is None and not op.settled[k]:
-                    u = layer_uuid(op.op_id, k)
+                    u = _part_id(op.op_id, k)
                     if u in self._ops:
                         op.handles[k].wait(timeout)
                         self._dispatch_one(op.handles[k], *self._take(u))
@@ -313,7 +316,7 @@ class OffloadWorker:
             op = _Op(layerwise[0].op_id, 0, slot, slot, [b for sp in layerwise for b in sp.gpu_blocks],
                      [b for sp in layerwise for b in sp.host_blocks], layers, True, events)
             op.specs = layerwise
-            uuids = [layer_uuid(op.op_id, k) for k in range(op.parts)]
+            uuids = [_part_id(op.op_id, k) for k in range(op.parts)]
             w.enqueue_many(slot, uuids, TransferKind.LOAD)
             self._slot_ops[slot].append(op)
             for k, h in enumerate(t.schedule_many(slot, uuids)):
@@ -329,7 +332,7 @@ class OffloadWorker:
                 continue
             slot = self._slot(spec.req_id)
             op = _Op(spec.op_id, 0, spec.req_id, slot, spec.gpu_blocks, spec.host_blocks, [None], False, events)
-            u = layer_uuid(spec.op_id, 0)
+            u = _part_id(spec.op_id, 0)
             w.enqueue(slot, u, TransferKind.LOAD)
             self._slot_ops[slot].append(op)
             op.handles[0] = t.schedule(slot, u)
@@ -351,7 +354,7 @@ class OffloadWorker:
                 self._dispatch()
                 job = op.jobs[part]
                 h = op.handles[part]
-                if job is None and h is not None and (u := layer_uuid(op.op_id, part)) in self._ops:
+                if job is None and h is not None and (u := _part_id(op.op_id, part)) in self._ops:
                     h.wait(timeout)  # a token is not free yet: loads go first, so this is short
                     self._dispatch_one(h, *self._take(u))
                     job = op.jobs[part]
@@ -424,8 +427,9 @@ class OffloadWorker:
         for op in self._layer_loads:
             self._settle_layerwise(op)
         self._layer_loads = []
-        for slot in w.take_finished():
-            self._finish_slot(slot)
+        if self._slot_ops:  # else no slot of this worker holds an operation: nothing can end
+            for slot in w.take_finished():
+                self._finish_slot(slot)
         done_rids = [rid for rid in self._finished_rids
                      if not self._rid_slots.get(rid) and not self._rid_batches.get(rid)] if self._finished_rids else ()
         for rid in done_rids:
@@ -569,13 +573,13 @@ class OffloadWorker:
     def _settle_layerwise(self, op: _Op, timeout: float = 60.0) -> None:
         for k in range(op.parts):
             if op.jobs[k] is None and not op.cancelled:
-                u = layer_uuid(op.op_id, k)
+                u = _part_id(op.op_id, k)
                 if u in self._ops:
                     op.handles[k].wait(timeout)
                     self._dispatch_one(op.handles[k], *self._take(u))
             if op.jobs[k] is not None:
                 op.jobs[k].wait(timeout)
-        self._end_op(op, ())
+        self._end_op(op)
 
     def _finish_slot(self, slot: str) -> None:
         ops = self._slot_ops.get(slot)
@@ -584,21 +588,21 @@ class OffloadWorker:
         w = self._w
         # No slot_status(): every error the core records for these operations comes from a
         # handle this worker read or marked (a failed copy's job, a failed submit or a cancelled
-        # part marked failed here, a CANCEL decision on cancel or timeout), all in _Op.
-        failed_uuids = ()
-        if not w.is_complete(slot):
+        # part marked failed here, a CANCEL decision on cancel or timeout), all in _Op. A store
+        # batch's slot takes no operation after its step, so its report means it is complete.
+        if slot[0] != "\x01" and not w.is_complete(slot):
             # The slot completed, then this step joined new operations into it: end the ones
             # that had ended; take_finished reports the slot again when the rest end.
             keep = []
             for op in ops:
                 if all(op.settled[k] or (op.jobs[k] is not None and op.jobs[k].done()) for k in range(op.parts)):
-                    self._end_op(op, failed_uuids)
+                    self._end_op(op)
                 else:
                     keep.append(op)
             self._slot_ops[slot] = keep
             return
         for op in ops:
-            self._end_op(op, failed_uuids)
+            self._end_op(op)
         del self._slot_ops[slot]
         w.remove_slot(slot)
         if slot[0] in "\x01\x02":  # a step's store or layerwise-load batch
@@ -615,34 +619,41 @@ class OffloadWorker:
         if self._rid_slot.get(rid) == slot:
             del self._rid_slot[rid]
 
-    def _end_op(self, op: _Op, failed_uuids: Any) -> None:
+    def _end_op(self, op: _Op) -> None:
         if op.ended:
             return
         op.ended = True
-        ok = not op.cancelled and all(j is not None and j.done() and j.error is None for j in op.jobs)
-        if ok and failed_uuids:
-            ok = not any(layer_uuid(op.op_id, k) in failed_uuids for k in range(op.parts))
+        ok = not op.cancelled
+        if ok:
+            for j in op.jobs:
+                if j is None or not j.done() or j.error is not None:
+                    ok = False
+                    break
         results, stats = self._results, self.stats
+        add = results.reports.add
         if op.specs:
             for spec in op.specs:
-                results.reports.add(spec.op_id, ok)
+                add(spec.op_id, ok)
         else:
-            results.reports.add(op.op_id, ok)
-        kind = "load" if op.kind == 0 else "store"
-        if op.kind == 0 and not op.layerwise:
+            add(op.op_id, ok)
+        load = op.kind == 0
+        if load and not op.layerwise:
             results.finished_recving.add(op.req_id)
         count = len(op.specs) or 1
+        k_ok, k_failed, k_blocks, k_bytes, k_s = _LOAD_KEYS if load else _STORE_KEYS
         if not ok:
-            stats[kind + "s_failed"] += count
-            if op.kind == 0:
+            stats[k_failed] += count
+            if load:
                 results.failed_blocks.update(op.gpu)
             return
         n = len(op.gpu)
-        stats[kind + "s_ok"] += count
-        done = "loaded" if op.kind == 0 else "stored"
-        stats["blocks_" + done] += n
-        stats["bytes_" + done] += n * self.gpu_pool.block_bytes * self.num_layers
-        stats[kind + "_s"] += sum(j.seconds or 0.0 for j in op.jobs)
+        stats[k_ok] += count
+        stats[k_blocks] += n
+        stats[k_bytes] += n * self._block_bytes
+        seconds = 0.0
+        for j in op.jobs:
+            seconds += j.seconds or 0.0
+        stats[k_s] += seconds
 
     def take_stats(self) -> dict[str, float]:
         """Counters since the last call (then reset)."""
@@ -655,6 +666,16 @@ class OffloadWorker:
             self.engine.close(timeout)
         if self.scheduler is not None:
             self.scheduler.close()
+
+
+_LOAD_KEYS = ("loads_ok", "loads_failed", "blocks_loaded", "bytes_loaded", "load_s")
+_STORE_KEYS = ("stores_ok", "stores_failed", "blocks_stored", "bytes_stored", "store_s")
+
+
+def _part_id(op_id: int, part: int) -> bytes:
+    """The kvsched uuid of part ``part`` of operation ``op_id`` (``plan.layer_uuid``), as the 16
+    bytes the core takes (cheaper to make than a ``uuid.UUID``)."""
+    return (op_id | part).to_bytes(16, "big")
 
 
 def _distinct(events: list[Any]) -> Any:
