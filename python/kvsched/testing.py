@@ -33,7 +33,8 @@ Counters in ``stats()``: ``scheduled``/``enqueued`` count accepted transfer/work
 ``executed`` counts EXECUTE decisions (both modes); ``completed``/``failed``/``cancelled``
 count operation ends, with ``dropped`` included in ``failed`` and ``timed_out`` included in
 ``cancelled``. Held outcomes (an IMMEDIATE outcome, or a CANCEL, for a transfer half whose
-worker half never comes) are kept until the worker half arrives; they are not bounded.
+worker half has not come) are kept until the worker half arrives: IMMEDIATE outcomes without
+bound, held cancels at most ``removed_memory`` (each held once, oldest forgotten first).
 
 Readings of what the contract and docs/semantics.md leave open: deadlines and cancellation apply to
 SCHEDULED operations only (an IMMEDIATE one is run by the transfer engine already);
@@ -367,7 +368,8 @@ class _Worker:
             s._enter(f"request {rid!r}")
             slot = s._slots.get(rid)
             victims = list(slot.ops.values()) if slot else []
-            lone = list(s._waiting_t.pop(rid, {}).values())  # transfer halves without worker half
+            # undecided SCHEDULED transfer halves without a worker half (see schedule())
+            lone = list(s._waiting_t.pop(rid, {}).values())
             victims += lone
             if slot:
                 slot.cancelled_flag = True
@@ -440,7 +442,6 @@ class _Transfer:
                 op = _Op(u, rid, mode)  # in no table: nothing of it can be credited
             elif op is None:
                 op = s._new_op(u, rid, mode)
-                s._waiting_t.setdefault(rid, {})[u] = op
             op.has_transfer, op.req_key = True, key
             h = ReferenceHandle(s, op)
             op.handle = h
@@ -454,9 +455,15 @@ class _Transfer:
                 s._publish(op)
             elif not op.has_worker and rid in s._cancelled_rids:
                 s._cancel(op)
-                s._hold_cancel(op)
+                s._hold_cancel(op)  # held once, and never listed as waiting
             elif op.has_worker:
                 s._join(op)
+            else:
+                # Undecided SCHEDULED half waiting for its worker half: the only kind that
+                # cancel_slot() cancels and holds, and op_timeout times out. An IMMEDIATE half
+                # (running already) and a held cancel are never listed here, so a later
+                # cancel_slot() cannot hold them (again) and push real held cancels out.
+                s._waiting_t.setdefault(rid, {})[u] = op
             return h
 
     def poll(self, max_items=64, timeout=0.0):
@@ -527,7 +534,8 @@ class ReferenceScheduler:
         self._closed = False
         self._ops = {}                                # uuid -> _Op (live, held, or of a live slot)
         self._slots = {}                              # rid -> _Slot
-        self._waiting_t = {}                          # rid -> {uuid: _Op}: T halves without W half
+        self._waiting_t = {}                          # rid -> {uuid: _Op}: undecided SCHEDULED
+        #                                               T halves without W half
         self._cancelled_rids = collections.OrderedDict()  # until create_slot (bounded)
         self._removed = collections.OrderedDict()     # uuids of removed slots, FIFO, bounded
         self._held = collections.deque()              # _Op: held cancels, FIFO, bounded
