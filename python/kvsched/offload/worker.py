@@ -124,6 +124,13 @@ class OffloadWorker:
         self._step = 0  # begin_step calls: names the step's batch slots
         self._next_layer = 0
         self._in_iteration = False
+        # True while this step's layers gate stores: only then does layer_done() do anything
+        # (an engine may skip the call, and recording a compute event for it, otherwise).
+        self.wants_layer_events = False
+        # The first layer whose layer_done() can release a store: 0 per layer, the last layer
+        # per step. A caller with no compute event to pass may skip the calls for earlier
+        # layers (a later call, or end_step, covers them).
+        self.first_gating_layer = 0
         self._events: list[Any] = []
         # Parts joined and not dispatched yet: part uuid -> (op, part index). A part gated on a
         # layer of this iteration waits in _gates[layer] until that layer is marked (its
@@ -178,6 +185,7 @@ class OffloadWorker:
         self.engine = TransferEngine(self.scheduler, backend=self.config.backend, **options)
         granularity = self.config.op_granularity
         self._per_layer = granularity == "layer" or (granularity == "auto" and self.engine.backend == "cuda")
+        self.first_gating_layer = 0 if self._per_layer else self.num_layers - 1
         log.info("kvsched offload worker %d/%d: %d host blocks of %d bytes x %d layers, backend %s, "
                  "operations per %s", self.rank, self.world_size, self.host_blocks, gpu_pool.block_bytes,
                  self.num_layers, self.engine.backend, "layer" if self._per_layer else "step")
@@ -226,7 +234,7 @@ class OffloadWorker:
                 self._cancel_request(rid, fence=False, new_generation=False)
             if plan.stores:
                 self._iteration = self._w.start_next_iteration()
-                self._in_iteration = True
+                self._in_iteration = self.wants_layer_events = True
                 self._events = []
                 self._join_stores(plan.stores)
             if plan.loads:
@@ -366,12 +374,6 @@ class OffloadWorker:
                 job.wait(timeout)
 
     @property
-    def wants_layer_events(self) -> bool:
-        """True while this step's layers gate stores: only then does :meth:`layer_done` use a
-        compute event (an engine may skip recording one otherwise)."""
-        return self._in_iteration
-
-    @property
     def has_step_loads(self) -> bool:
         """True when :meth:`start_loads` has loads to join (an engine may skip recording the
         compute event for it otherwise)."""
@@ -453,7 +455,7 @@ class OffloadWorker:
 
     def _end_iteration(self) -> None:
         self._w.mark_iteration_complete()
-        self._in_iteration = False
+        self._in_iteration = self.wants_layer_events = False
         for layer in list(self._gates):  # every layer of the iteration is complete now
             self._open_gate(layer)
 

@@ -255,6 +255,8 @@ class KvschedConnector(KVConnectorBase_V1):
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
+        elif idx < worker.first_gating_layer:
+            return  # one store per step: only the last layer releases it; no event to keep
         worker.layer_done(idx, event)
 
     def wait_for_save(self) -> None:
