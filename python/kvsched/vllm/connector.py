@@ -103,7 +103,8 @@ class KvschedConnectorStats(KVConnectorStats):
 class KvschedConnector(KVConnectorBase_V1):
     """Host-memory KV tier on kvsched. Extra config: ``host_bytes`` (required), ``load_mode``
     (``"async"`` | ``"layerwise"``), ``max_inflight``, ``backend`` (``"auto"`` | ``"host"`` |
-    ``"cuda"``), ``op_timeout``; see :class:`kvsched.offload.OffloadConfig`."""
+    ``"cuda"``), ``op_timeout``, ``op_granularity`` (``"auto"`` | ``"layer"`` | ``"step"``); see
+    :class:`kvsched.offload.OffloadConfig`."""
 
     if _HOST_SOURCE is not None:
         _cache_hit_source = _HOST_SOURCE
