@@ -358,13 +358,16 @@ void Scheduler::release_token() {
   if (ready_.queued() > 0) pump();  // Note [token handshake]
 }
 
-bool Scheduler::decide(const OpPtr& op, Decision d, std::string error) {
+bool Scheduler::decide(const OpPtr& op, Decision d, std::string error, bool timed_out) {
   uint8_t expected = static_cast<uint8_t>(Decision::kNone);
   // order: seq_cst — acq_rel publishes the op's fields to load_decision() readers; seq_cst
   // additionally orders it before the waiters load in notify_waiters() (Note [waiter handshake]).
   if (!op->decision.compare_exchange_strong(expected, static_cast<uint8_t>(d),
                                             std::memory_order_seq_cst))
     return false;
+  // Counted before the waiters and the slot learn the outcome, so whoever sees a timed-out op
+  // ended also sees it counted in stats() (a waiter woken first could read timed_out == 0).
+  if (timed_out) bump(counters_.timed_out);
   if (d == Decision::kExecute) {
     bump(counters_.executed);
     if (op->released_at_ns != 0) dispatch_latency_.record(now_ns() - op->released_at_ns);

@@ -203,7 +203,8 @@ class Scheduler {
   void pump();
   void release_token();
   void release_gated(uint64_t position);
-  bool decide(const OpPtr& op, Decision d, std::string error = {});
+  // `timed_out`: the decision is a deadline's; its counter is bumped before anyone is woken.
+  bool decide(const OpPtr& op, Decision d, std::string error = {}, bool timed_out = false);
   bool end_op(const OpPtr& op, Outcome outcome, std::string error);
   void count_into_slot(const OpPtr& op);
   void notify_watcher(const Op& op);

@@ -105,9 +105,9 @@ void Scheduler::on_deadline(const OpPtr& op) {
   char secs[64];
   std::snprintf(secs, sizeof secs, "%g", static_cast<double>(config_.op_timeout_ns) / 1e9);
   if (!decide(op, Decision::kCancel,
-              "timed out after " + std::string(secs) + " s undecided (" + why + ")"))
+              "timed out after " + std::string(secs) + " s undecided (" + why + ")",
+              /*timed_out=*/true))
     return;
-  bump(counters_.timed_out);
   // A transfer half whose worker half never came is held (bounded) for a late worker half.
   if (!(h & Op::kWorkerPublished)) hold_decided_halves({op});
 }
