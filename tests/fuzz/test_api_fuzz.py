@@ -1630,14 +1630,15 @@ def _check_fork(status, lines, what):
     assert status == 0 and not fails, f"{what}: child exit {status}: {fails}"
 
 
-def _fork_case(objs: dict, child, what: str) -> None:
+def _fork_case(objs: dict, child, what: str) -> list[str]:
     """Run ``child`` in a forked child, close the parent's objects whatever happened, and check
-    the child's report."""
+    the child's report (exit 0, no FAIL line). Returns the report's lines."""
     try:
         status, lines = run_in_fork(child)
     finally:
         _parent_close(objs)
     _check_fork(status, lines, what)
+    return lines
 
 
 def _child_call(report, name, fn, limit=2.0, fork_error=True):
@@ -1729,12 +1730,16 @@ def test_fork_child_drops_inherited_scheduler():
     objs = _parent_state()
 
     def child(report):
+        assert objs["s"].closed, "an inherited scheduler must read as closed in the child"
         report("step drop every inherited object + gc.collect()")
         objs.clear()
         gc.collect()
         report("  dropped")
 
-    _fork_case(objs, child, "dropping an inherited scheduler")
+    parent = dict(objs)  # the child clears its copy of the dict, not the parent's
+    lines = _fork_case(objs, child, "dropping an inherited scheduler")
+    assert lines[-1] == "  dropped", f"the child stopped before the drop ended: {lines}"
+    assert parent["s"].closed  # closed by _fork_case in the parent, unharmed by the child
 
 
 @needs_fork
@@ -1749,7 +1754,11 @@ def test_fork_child_engine_submit_then_close():
                     lambda: eng.submit(objs["ready"], objs["src"], objs["dst"], [(0, 1)], None))
         _child_call(report, "engine.close()", eng.close, limit=5.0, fork_error=False)
 
-    _fork_case(objs, child, "submit then close() on an inherited engine")
+    lines = _fork_case(objs, child, "submit then close() on an inherited engine")
+    submit = next(ln for ln in lines if ln.startswith("  submit:"))
+    assert "raised" in submit and "fork" in submit.lower(), submit
+    close = next(ln for ln in lines if ln.startswith("  engine.close():"))
+    assert close.startswith("  engine.close(): returned"), close
 
 
 @needs_fork
