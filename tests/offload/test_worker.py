@@ -250,3 +250,34 @@ def test_config_errors_name_the_key():
                      ("host_bytes", "4GB"), ("op_granularity", "request")]:
         with pytest.raises(InvalidArgumentError, match=key):
             OffloadConfig.from_dict({"host_bytes": 1 << 20, key: bad})
+
+
+def test_idle_collect_shares_one_read_only_empty_result():
+    kv, w, lead = make()
+    first, second = step(w, lead), step(w, lead)
+    assert first is second  # nothing ended in either step: no allocation per idle step
+    assert not first.finished_sending and not first.finished_recving and not first.failed_blocks
+    assert not first.reports
+    with pytest.raises(AttributeError):
+        first.finished_sending.add("r")  # read-only: frozen sets
+    # A step in which something ends gets a result of its own.
+    lead.plan_stores("r1", [b"x0"], [0], 0, 1)
+    step(w, lead, kv, writes=[(0, 5)])
+    results = settle(w, lead)
+    assert any(r.reports for r in results)
+    assert all(r is first for r in results if not r.reports and not r.finished_sending)
+
+
+def test_stats_changed_flags_a_counter_move_until_taken():
+    kv, w, lead = make()
+    assert w.stats_changed is False
+    step(w, lead)
+    assert w.stats_changed is False  # idle steps move no counter
+    lead.plan_stores("r1", [b"y0", b"y1"], [0, 1], 0, 2)
+    step(w, lead, kv, writes=[(0, 1), (1, 2)])
+    assert w.stats_changed is True
+    settle(w, lead)
+    stats = w.take_stats()
+    assert stats["stores"] == 1 and stats["stores_ok"] == 1 and stats["blocks_stored"] == 2
+    assert w.stats_changed is False
+    assert not any(w.take_stats().values())

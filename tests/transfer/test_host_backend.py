@@ -586,3 +586,35 @@ def test_inline_bytes_is_range_checked():
         _k.TransferEngine(None, backend="host", inline_bytes=-1)
     with pytest.raises(TypeError, match="inline_bytes"):
         _k.TransferEngine(None, backend="host", inline_bytes=1.5)
+
+
+def test_job_names_its_operation_after_the_handle_is_released():
+    # A job reads its handle's request id and uuid lazily (not on the submit path) and keeps
+    # them when it finishes and drops the handle; the same handle cannot be submitted twice.
+    import uuid
+
+    from kvsched import Scheduler
+    from kvsched.protocol import TransferKind
+
+    s = Scheduler(num_layers=1)
+    src_arr = np.arange(4 * 8, dtype=np.uint8).reshape(1, 4, 8)
+    dst_arr = np.zeros((1, 4, 8), dtype=np.uint8)
+    src, dst = BlockPool.from_array(src_arr), BlockPool.from_array(dst_arr)
+    engine = TransferEngine(s, backend="host")
+    try:
+        u = uuid.uuid4()
+        s.worker.create_slot("req-a")
+        s.worker.enqueue("req-a", u, TransferKind.LOAD)
+        h = s.transfer.schedule("req-a", u)
+        job = engine.submit(h, src, dst, [(1, 2)])
+        with pytest.raises(ProtocolError, match="already"):
+            engine.submit(h, src, dst, [(1, 3)])
+        assert job.wait(10) and job.ok
+        assert job.handle is None
+        assert job.uuid == u and job.request_id == "req-a"
+        assert h.outcome == "completed"
+        assert dst_arr[0, 2].tolist() == list(range(8, 16))
+        assert dst_arr[0, 3].tolist() == [0] * 8  # the refused second submit copied nothing
+    finally:
+        engine.close()
+        s.close()

@@ -77,6 +77,11 @@ class StepResults:
     reports: OpReports = field(default_factory=OpReports)
 
 
+# What collect() returns when nothing ended since the last call (most decode steps): one shared,
+# read-only value (frozen sets, no reports), so an idle step allocates nothing.
+_NOTHING = StepResults(frozenset(), frozenset(), frozenset(), OpReports())  # type: ignore[arg-type]
+
+
 class _Op:
     __slots__ = ("op_id", "kind", "req_id", "slot", "gpu", "host", "layers", "parts", "handles", "jobs",
                  "settled", "cancelled", "ended", "layerwise", "events", "submitted", "specs", "pairs")
@@ -152,8 +157,11 @@ class OffloadWorker:
         self._fenced: StepPlan | None = None  # the plan whose preemptions were fenced already
         self._layer_loads: list[_Op] = []
         self._per_layer = True  # op_granularity: set by register() once the backend is known
-        self._results = StepResults()
+        self._results: StepResults | None = None  # made when the first outcome since collect() arrives
         self.stats = _new_stats()
+        # True once a counter of self.stats moved since take_stats(): an engine asks for stats
+        # every step, and most steps move none.
+        self.stats_changed = False
 
     # ------------------------------------------------------------------------------ setup
 
@@ -288,6 +296,7 @@ class OffloadWorker:
         for spec in specs:
             self._rid_batches.setdefault(spec.req_id, set()).add(slot)
         self.stats["stores"] += len(specs)
+        self.stats_changed = True
 
     def _fence(self, ops: Iterable[_Op], timeout: float = 60.0) -> None:
         """Wait until no copy of ``ops`` touches their blocks any more: undecided parts are waited
@@ -335,6 +344,7 @@ class OffloadWorker:
             for sp in layerwise:
                 self._rid_batches.setdefault(sp.req_id, set()).add(slot)
             self.stats["loads"] += len(layerwise)
+            self.stats_changed = True
         for spec in loads:
             if spec.layerwise:
                 continue
@@ -347,6 +357,7 @@ class OffloadWorker:
             ops[u] = (op, 0)
             waiting[u] = None
             self.stats["loads"] += 1
+            self.stats_changed = True
         self._dispatch()
 
     def wait_layer_load(self, layer: int, stream: Any = None, timeout: float = 60.0) -> None:
@@ -417,37 +428,56 @@ class OffloadWorker:
 
     def collect(self, finished_req_ids: Iterable[str] = ()) -> StepResults:
         """Outcomes since the last call: see :class:`StepResults`. ``finished_req_ids``: the
-        requests the engine finished this step (their slots are removed once drained)."""
-        self._require_registered()
-        self._dispatch()
-        w = self._w
+        requests the engine finished this step (their slots are removed once drained). When
+        nothing ended, the result is a shared empty value: treat results as read-only."""
+        if self.scheduler is None:
+            self._require_registered()
+        if self._waiting:
+            self._dispatch()
         if finished_req_ids:
             self._finished_rids.update(finished_req_ids)
         # Layerwise loads end within their step (each layer waited for its part): their
         # outcome is reported now, not when the request's slot drains (vLLM wants a failed
         # synchronous load in the step that ran it).
-        for op in self._layer_loads:
-            self._settle_layerwise(op)
-        self._layer_loads = []
+        if self._layer_loads:
+            for op in self._layer_loads:
+                self._settle_layerwise(op)
+            self._layer_loads = []
         if self._slot_ops:  # else no slot of this worker holds an operation: nothing can end
-            for slot in w.take_finished():
+            for slot in self._w.take_finished():
                 self._finish_slot(slot)
-        done_rids = [rid for rid in self._finished_rids
-                     if not self._rid_slots.get(rid) and not self._rid_batches.get(rid)] if self._finished_rids else ()
-        for rid in done_rids:
+        if self._finished_rids:
+            self._drop_finished_requests()
+        results = self._results
+        if results is None:
+            return _NOTHING
+        self._results = None
+        return results
+
+    def _drop_finished_requests(self) -> None:
+        """Forget the finished requests none of whose slots or store batches is open any more;
+        report those the engine waits for (``release``) as finished sending."""
+        batches, slots = self._rid_batches, self._rid_slots
+        done = [rid for rid in self._finished_rids if not slots.get(rid) and not batches.get(rid)]
+        for rid in done:
             self._finished_rids.discard(rid)
             self._rid_slot.pop(rid, None)
-            self._rid_slots.pop(rid, None)
-            self._rid_batches.pop(rid, None)
+            slots.pop(rid, None)
+            batches.pop(rid, None)
             self._generation.pop(rid, None)
             self._cancelled_rids.discard(rid)
             if rid in self._release:
                 self._release.discard(rid)
-                self._results.finished_sending.add(rid)
-        results, self._results = self._results, StepResults()
-        return results
+                self._out().finished_sending.add(rid)
 
     # ------------------------------------------------------------------------------ internals
+
+    def _out(self) -> StepResults:
+        """The results the next collect() returns (made on the first outcome)."""
+        results = self._results
+        if results is None:
+            results = self._results = StepResults()
+        return results
 
     def _require_registered(self) -> None:
         if self.scheduler is None:
@@ -487,6 +517,7 @@ class OffloadWorker:
             ops += [op for slot in self._rid_batches.get(rid, ()) for op in self._slot_ops.get(slot, ())]
             self._fence(ops)
             self.stats["preemptions"] += 1
+            self.stats_changed = True
         if new_generation:
             self._rid_slot.pop(rid, None)
             self._generation[rid] = self._generation.get(rid, 0) + 1
@@ -550,12 +581,12 @@ class OffloadWorker:
         pairs = op.pairs
         if op.kind == 0:
             if pairs is None:
-                pairs = op.pairs = np.array([op.host, op.gpu], dtype=np.int64).T
+                pairs = op.pairs = _pairs(op.host, op.gpu)
             src, dst = self.host_pool, self.gpu_pool
             kwargs = {"wait_event": op.events[0]} if op.events else {}
         else:
             if pairs is None:
-                pairs = op.pairs = np.array([op.gpu, op.host], dtype=np.int64).T
+                pairs = op.pairs = _pairs(op.gpu, op.host)
             src, dst = self.gpu_pool, self.host_pool
             if op.events is None:
                 ev: Any = None
@@ -631,7 +662,8 @@ class OffloadWorker:
                 if j is None or not j.done() or j.error is not None:
                     ok = False
                     break
-        results, stats = self._results, self.stats
+        results, stats = self._out(), self.stats
+        self.stats_changed = True
         add = results.reports.add
         if op.specs:
             for spec in op.specs:
@@ -660,6 +692,7 @@ class OffloadWorker:
     def take_stats(self) -> dict[str, float]:
         """Counters since the last call (then reset)."""
         out, self.stats = self.stats, _new_stats()
+        self.stats_changed = False
         return out
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -678,6 +711,18 @@ def _part_id(op_id: int, part: int) -> bytes:
     """The kvsched uuid of part ``part`` of operation ``op_id`` (``plan.layer_uuid``), as the 16
     bytes the core takes (cheaper to make than a ``uuid.UUID``)."""
     return (op_id | part).to_bytes(16, "big")
+
+
+def _pairs(src: list[int], dst: list[int]) -> Any:
+    """(source, destination) block pairs for ``TransferEngine.submit``: a list of tuples for a
+    few (checked in plain Python, no numpy call), an (N, 2) array for many."""
+    if len(src) <= _FEW_PAIRS:
+        return list(zip(src, dst))
+    return np.array([src, dst], dtype=np.int64).T
+
+
+# Up to this many pairs go to submit as a list (build_plan's fast path takes up to 64).
+_FEW_PAIRS = 64
 
 
 def _distinct(events: list[Any]) -> Any:

@@ -251,54 +251,54 @@ class TransferEngine:
         copy stream before it copies: pass the compute stream's event recorded after the layer
         wrote the blocks (store) or after its last read of blocks being reused (load). Returns the
         :class:`TransferJob`; ``job.wait_on(stream)`` makes a stream wait for a load."""
-        rid, uid = getattr(h, "request_id", None), getattr(h, "uuid", None)
+        # The handle's request id and uuid are read only for an error message: making a
+        # uuid.UUID object is a measurable part of a submit when the caches are cold (an
+        # engine's forward thread between layers).
         if self._generation != _fork_generation:
             self._raise_forked("submit")
         if self._closed:
-            raise TransferEngineClosedError(f"submit of request {rid!r} op {uid} after close()")
+            raise TransferEngineClosedError(f"submit of {_op_name(h)} after close()")
         if not callable(getattr(h, "mark_complete", None)):
             raise TypeError(f"h must be a scheduler handle with mark_complete(), got {type(h).__name__}")
         decision = h.decision
         if decision is not _EXECUTE and decision != _EXECUTE:
             state = "undecided" if decision is None else f"decided {getattr(decision, 'name', decision)}"
-            raise ProtocolError(
-                f"request {rid!r} op {uid}: only an EXECUTE handle can be submitted, this one is {state}"
-            )
+            raise ProtocolError(f"{_op_name(h)}: only an EXECUTE handle can be submitted, this one is {state}")
         try:
             plan = build_plan(src, dst, pairs, layers)
             _check_writable(dst)
         except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"request {rid!r} op {uid}: {exc}") from None
+            raise InvalidArgumentError(f"{_op_name(h)}: {exc}") from None
         except TypeError as exc:
-            raise TypeError(f"request {rid!r} op {uid}: {exc}") from None
+            raise TypeError(f"{_op_name(h)}: {exc}") from None
         kind = plan.kind
         if isinstance(plan.src, RemotePool) or isinstance(plan.dst, RemotePool):
             if self._nixl is None:
                 raise InvalidArgumentError(
-                    f"request {rid!r} op {uid}: a remote pool needs backend='nixl' (this engine is {self.backend})"
+                    f"{_op_name(h)}: a remote pool needs backend='nixl' (this engine is {self.backend})"
                 )
             backend: Any = self._nixl
         elif kind == "h2h" and self._host is not None:
             backend = self._host
         else:
-            backend = self._backend_for(kind, rid, uid)
+            backend = self._backend_for(kind, h)
 
-        key = uid if uid is not None else id(h)
+        claim = getattr(h, "_claim_transfer", None)
+        # A scheduler handle is claimed in the core (one atomic step, below): it is its own key
+        # in the in-flight set. Any other handle is keyed by its uuid, the duplicate check.
+        key: Any = h if claim is not None else _uuid_key(h)
         inflight, stats = self._inflight, self._stats
         with self._lock:  # counted as submitted now, taken back if the backend refuses it
             if key in inflight:
-                raise ProtocolError(f"request {rid!r} op {uid} is already being transferred")
+                raise ProtocolError(f"{_op_name(h)} is already being transferred")
             # The handle's operation must still be open and copied by no one else: a handle that
             # ended (its job completed, or the caller marked it) or that another engine copies
             # would write blocks that may belong to another request by now. The claim is one
             # atomic step in the core; handles without it (stand-ins) are checked by outcome.
-            claim = getattr(h, "_claim_transfer", None)
             if claim is not None:
                 claim()
             elif getattr(h, "outcome", "open") not in ("open", None):
-                raise ProtocolError(
-                    f"request {rid!r} op {uid} has ended ({h.outcome}); nothing copied"
-                )
+                raise ProtocolError(f"{_op_name(h)} has ended ({h.outcome}); nothing copied")
             inflight.add(key)
             stats["submitted"] += 1
         job = TransferJob(h, plan, kind)
@@ -320,7 +320,7 @@ class TransferEngine:
             raise
         return job
 
-    def _backend_for(self, kind: str, rid: Any, uid: Any) -> Any:
+    def _backend_for(self, kind: str, h: Any) -> Any:
         if kind == "h2h":
             if self._host is None:
                 with self._lock:
@@ -330,7 +330,7 @@ class TransferEngine:
             return self._host
         if self._cuda is None:
             raise InvalidArgumentError(
-                f"request {rid!r} op {uid}: a {kind} copy needs backend='cuda' (this engine is {self.backend})"
+                f"{_op_name(h)}: a {kind} copy needs backend='cuda' (this engine is {self.backend})"
             )
         return self._cuda
 
@@ -429,7 +429,7 @@ class TransferEngine:
             raise ProtocolError(
                 f"request {rid!r} op {uid}: only an EXECUTE handle can be expected, this one is {state}"
             )
-        key = uid if uid is not None else id(h)
+        key: Any = h if getattr(h, "_claim_transfer", None) is not None else _uuid_key(h)
         with self._lock:
             if key in self._inflight:
                 raise ProtocolError(f"request {rid!r} op {uid} is already being transferred or expected")
@@ -612,3 +612,14 @@ def _abandon(backends: list[Backend], generation: int) -> None:
             b.abandon()
         except Exception:  # noqa: BLE001 - garbage collection path
             pass
+
+
+def _op_name(h: Any) -> str:
+    """``request 'r' op <uuid>``: how error messages name a handle's operation."""
+    return f"request {getattr(h, 'request_id', None)!r} op {getattr(h, 'uuid', None)}"
+
+
+def _uuid_key(h: Any) -> Any:
+    """The in-flight key of a handle the core does not claim (a stand-in): its uuid, else itself."""
+    uid = getattr(h, "uuid", None)
+    return uid if uid is not None else id(h)

@@ -44,8 +44,10 @@ class TransferJob:
 
     def __init__(self, handle: Any, plan: CopyPlan, kind: str) -> None:
         self.handle = handle
-        self.request_id = getattr(handle, "request_id", None)
-        self.uuid = getattr(handle, "uuid", None)
+        # The handle's request id and uuid, read when first asked for (a uuid.UUID costs a
+        # submit on the forward thread more than the rest of the job) and at the latest when
+        # the job finishes and lets the handle go.
+        self._names: tuple[Any, Any] | None = None
         self.plan = plan
         self.kind = kind
         self.nbytes = plan.nbytes
@@ -59,6 +61,23 @@ class TransferJob:
         self._waiter: StreamWaiter | None = None  # the backend that can make a stream wait on it
 
     # ------------------------------------------------------------------------------ queries
+
+    @property
+    def request_id(self) -> Any:
+        """The request id of the job's handle."""
+        return self._handle_names()[0]
+
+    @property
+    def uuid(self) -> Any:
+        """The uuid of the job's operation (its handle's)."""
+        return self._handle_names()[1]
+
+    def _handle_names(self) -> tuple[Any, Any]:
+        names = self._names
+        if names is None:
+            h = self.handle
+            names = self._names = (getattr(h, "request_id", None), getattr(h, "uuid", None))
+        return names
 
     def done(self) -> bool:
         return self._state == _DONE
@@ -138,6 +157,7 @@ class TransferJob:
                 return
             self._state = _FINISHING
         self.finished_at = time.perf_counter()
+        self._handle_names()  # before the handle goes
         handle, self.handle = self.handle, None
         if error is not None:
             self.error = _describe(error)

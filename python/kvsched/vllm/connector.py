@@ -281,7 +281,7 @@ class KvschedConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KvschedConnectorStats | None:
         if self.worker is not None:
-            if not any(self.worker.stats.values()):
+            if not self.worker.stats_changed:  # most steps: nothing moved since the last call
                 return None
             s = self.worker.take_stats()
             data = {k: s.get(k, 0) for k in _STAT_KEYS}
