@@ -74,9 +74,13 @@ def test_write_and_read_scattered_blocks_byte_exact(local, spawn_peer):
     theirs = pool_array(LAYERS, BLOCKS, BLOCK, seed=22)
     assert remote.num_blocks == BLOCKS and remote.peer == "peer-rw"
     rng = np.random.default_rng(5)
-    for trial in range(6):
-        pairs = _scattered(rng, int(rng.integers(1, 40)))
+    # Sizes on both sides of the backend's descriptor paths: up to 64 copies are built as
+    # Python tuples, more (trial 3: 40 blocks x every layer = 160 copies) as a numpy array.
+    for trial, n in enumerate([1, 5, 17, 40, 33, 8]):
+        pairs = _scattered(rng, n)
         layers = sorted(rng.choice(LAYERS, int(rng.integers(1, LAYERS + 1)), replace=False).tolist())
+        if trial == 3:
+            layers = list(range(LAYERS))
         # write: local -> peer
         job = lo.eng.submit(lo.handle(), pool, remote, pairs, layers)
         assert job.wait(30) and job.ok, job

@@ -333,10 +333,22 @@ class NixlBackend:
                     "synchronize CUDA work before submitting a NIXL transfer"
                 )
         self.register_pool(local)
-        s_addrs, d_addrs, sizes = plan.segments()
-        local_addrs, remote_addrs = (s_addrs, d_addrs) if op == "WRITE" else (d_addrs, s_addrs)
-        local_descs = _descs(local_addrs, sizes, local.device_index or 0)
-        remote_descs = _descs(remote_addrs, sizes, remote.device_id)
+        local_dev, remote_dev = local.device_index or 0, remote.device_id
+        local_descs: Any
+        remote_descs: Any
+        if plan.num_copies <= _FEW_SEGMENTS:
+            # A few descriptors: (addr, len, dev) tuples made in plain Python, which NIXL takes
+            # as they are; a dozen numpy calls cost more than that below a few dozen (and run
+            # with the caches cold: a job's bytes just went through them).
+            s_list, d_list, size_list = plan.segment_lists()
+            local_list, remote_list = (s_list, d_list) if op == "WRITE" else (d_list, s_list)
+            local_descs = [(a, n, local_dev) for a, n in zip(local_list, size_list)]
+            remote_descs = [(a, n, remote_dev) for a, n in zip(remote_list, size_list)]
+        else:
+            s_addrs, d_addrs, sizes = plan.segments()
+            local_addrs, remote_addrs = (s_addrs, d_addrs) if op == "WRITE" else (d_addrs, s_addrs)
+            local_descs = _descs(local_addrs, sizes, local_dev)
+            remote_descs = _descs(remote_addrs, sizes, remote_dev)
         local_mem = "VRAM" if local.is_cuda else "DRAM"
         tag = _uuid_text(job.uuid)
         note = NOTIFY_PREFIX + f"{tag} ok {plan.nbytes}".encode("ascii")
@@ -362,8 +374,8 @@ class NixlBackend:
             ended[0]._finish(ended[1])
             self._ended(ended[0])
 
-    def _post(self, job: TransferJob, op: str, local_descs: np.ndarray, local_mem: str,
-              remote_descs: np.ndarray, remote: RemotePool, note: bytes, tag: str) -> tuple[TransferJob, Any] | None:
+    def _post(self, job: TransferJob, op: str, local_descs: Any, local_mem: str,
+              remote_descs: Any, remote: RemotePool, note: bytes, tag: str) -> tuple[TransferJob, Any] | None:
         """Post one transfer (lock held). Returns (job, error) when it ended at once."""
         agent = self._agent
         try:
@@ -650,6 +662,10 @@ class NixlBackend:
         with self._lock:
             self._closing = True
             self._wake.notify()
+
+
+# Up to this many descriptors per side are built as Python tuples, more as a numpy array.
+_FEW_SEGMENTS = 64
 
 
 def _descs(addrs: np.ndarray, sizes: np.ndarray, device: int) -> np.ndarray:
