@@ -117,3 +117,26 @@ def test_typed_options_are_the_keyword_options():
             kvsched.TransferEngine(s, backend="host", host={"workers": 2})
         with pytest.raises(kvsched.InvalidArgumentError, match="workers"):
             kvsched.TransferEngine(s, backend="host", host=HostOptions(workers=0))
+
+
+@pytest.mark.parametrize("value", [uuid.UUID(int=0), uuid.UUID(int=(1 << 128) - 1), uuid.uuid4(), uuid.uuid1()])
+def test_handle_uuid_is_the_uuid_it_was_made_with(value):
+    # The core builds handle uuids without calling UUID.__init__: the object must still be an
+    # ordinary uuid.UUID in every way a caller can see.
+    import copy
+    import pickle
+
+    with kvsched.Scheduler() as s:
+        s.worker.create_slot("r")
+        s.worker.enqueue("r", value, TransferKind.LOAD)
+        h = s.transfer.schedule("r", value)
+        got = h.uuid
+        assert type(got) is uuid.UUID
+        assert got == value and hash(got) == hash(value) and got.int == value.int
+        assert str(got) == str(value) and repr(got) == repr(value) and got.bytes == value.bytes
+        assert got.version == value.version and got.is_safe is uuid.SafeUUID.unknown
+        assert pickle.loads(pickle.dumps(got)) == value and copy.deepcopy(got) == value
+        with pytest.raises(TypeError, match="immutable"):
+            got.int = 1
+        assert {got: 1}[value] == 1
+        h.mark_complete()

@@ -26,6 +26,7 @@ namespace {
 // Python-side objects looked up once (kvsched.errors, kvsched.protocol, uuid, logging).
 struct PyRefs {
   py::object uuid_cls, protocol, decision_cls, slot_status_cls;
+  py::object object_new, uuid_safe_unknown, str_int, str_is_safe;  // for from_uuid()
   py::object enum_base, transfer_kind_cls, request_mode_cls;
   py::object layer_complete, layer_name_complete, iteration_complete;
   py::object decision_execute, decision_cancel;
@@ -38,6 +39,10 @@ PyRefs& refs() {
   static PyRefs* r = [] {
     auto* p = new PyRefs();
     p->uuid_cls = py::module_::import("uuid").attr("UUID");
+    p->object_new = py::module_::import("builtins").attr("object").attr("__new__");
+    p->uuid_safe_unknown = py::module_::import("uuid").attr("SafeUUID").attr("unknown");
+    p->str_int = py::str("int");
+    p->str_is_safe = py::str("is_safe");
     p->protocol = py::module_::import("kvsched.protocol");
     p->decision_cls = p->protocol.attr("Decision");
     p->enum_base = py::module_::import("enum").attr("Enum");
@@ -198,7 +203,16 @@ Uuid to_uuid_impl(py::handle obj) {
 py::object from_uuid(const Uuid& u) {
   py::int_ hi(u.hi), lo(u.lo);
   py::object value = (hi << py::int_(64)) | lo;
-  return refs().uuid_cls(py::arg("int") = value);
+  // The object uuid.UUID(int=value) makes, without running UUID.__init__'s argument checks in
+  // Python (the core's value is a 128-bit int by construction): UUID.__init__ itself ends with
+  // object.__setattr__ of its two slots, `int` and `is_safe` (SafeUUID.unknown). Engines read
+  // handle uuids on their hot paths (job names, notification tags).
+  const PyRefs& r = refs();
+  py::object obj = r.object_new(r.uuid_cls);
+  if (PyObject_GenericSetAttr(obj.ptr(), r.str_int.ptr(), value.ptr()) != 0 ||
+      PyObject_GenericSetAttr(obj.ptr(), r.str_is_safe.ptr(), r.uuid_safe_unknown.ptr()) != 0)
+    throw py::error_already_set();
+  return obj;
 }
 
 std::string to_rid(py::handle obj) {
