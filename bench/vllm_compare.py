@@ -221,6 +221,28 @@ def run(name: str, connector: str, module: str | None, extra: dict[str, Any], wa
     }
 
 
+def connector_configs(host_bytes: int) -> list[tuple[str, str, str | None, dict[str, Any]]]:
+    """The compared connectors: (name, connector class, module, kv_connector_extra_config).
+
+    The host backend's default cuts a step's stores (and layerwise loads) into one operation per
+    step; "per layer" is the cuda backend's default (one gated operation and copy job per layer
+    and step), measured here through the host backend: its submission pattern and Python path,
+    with host copy threads in place of CUDA streams."""
+    return [
+        ("kvsched async", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "async"}),
+        ("kvsched layerwise", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise"}),
+        ("kvsched async, per layer", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "async", "op_granularity": "layer"}),
+        ("kvsched layerwise, per layer", "KvschedConnector", "kvsched.vllm",
+         {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise", "op_granularity": "layer"}),
+        ("vLLM OffloadingConnector", "OffloadingConnector", None,
+         {"cpu_bytes_to_use": host_bytes, "eviction_policy": "lru", "offload_prompt_only": False,
+          "spec_name": "BenchCPUOffloadingSpec", "spec_module_path": "vllm_compare"}),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=120)
@@ -235,23 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     block_bytes = H.spec().page_size_bytes * H.LAYERS
     host_bytes = args.tier_blocks * block_bytes
     waves = trace(args.requests, args.seed)
-    # The host backend's default cuts a step's stores (and layerwise loads) into one operation
-    # per step; "per layer" is the cuda backend's default (one gated operation and copy job per
-    # layer and step), measured here through the host backend: its submission pattern and
-    # Python path, with host copy threads in place of CUDA streams.
-    configs = [
-        ("kvsched async", "KvschedConnector", "kvsched.vllm",
-         {"host_bytes": host_bytes, "backend": "host", "load_mode": "async"}),
-        ("kvsched layerwise", "KvschedConnector", "kvsched.vllm",
-         {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise"}),
-        ("kvsched async, per layer", "KvschedConnector", "kvsched.vllm",
-         {"host_bytes": host_bytes, "backend": "host", "load_mode": "async", "op_granularity": "layer"}),
-        ("kvsched layerwise, per layer", "KvschedConnector", "kvsched.vllm",
-         {"host_bytes": host_bytes, "backend": "host", "load_mode": "layerwise", "op_granularity": "layer"}),
-        ("vLLM OffloadingConnector", "OffloadingConnector", None,
-         {"cpu_bytes_to_use": host_bytes, "eviction_policy": "lru", "offload_prompt_only": False,
-          "spec_name": "BenchCPUOffloadingSpec", "spec_module_path": "vllm_compare"}),
-    ]
+    configs = connector_configs(host_bytes)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     # Interleaved rounds (each connector once per round), so load from other processes on the
     # machine falls on all of them alike; CPU figures keep each connector's best round.

@@ -51,13 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     H.LAYERS = args.layers
     block_bytes = H.spec().page_size_bytes * H.LAYERS
     host_bytes = 48 * block_bytes
-    if args.connector == "kvsched":
-        cfg: tuple[Any, ...] = ("kvsched async", "KvschedConnector", "kvsched.vllm",
-                                {"host_bytes": host_bytes, "backend": "host", "load_mode": "async"})
-    else:
-        cfg = ("vLLM OffloadingConnector", "OffloadingConnector", None,
-               {"cpu_bytes_to_use": host_bytes, "eviction_policy": "lru", "offload_prompt_only": False,
-                "spec_name": "BenchCPUOffloadingSpec", "spec_module_path": "vllm_compare"})
+    configs = {name: cfg for name, *cfg in V.connector_configs(host_bytes)}
+    name = "kvsched async" if args.connector == "kvsched" else "vLLM OffloadingConnector"
+    cfg: tuple[Any, ...] = (name, *configs[name])
 
     current: dict[str, float] = collections.defaultdict(float)
     rows: list[tuple[str, dict[str, float]]] = []

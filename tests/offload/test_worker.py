@@ -6,6 +6,7 @@ import pytest
 from kvsched import BlockPool
 from kvsched.errors import InvalidArgumentError
 from kvsched.offload import OffloadConfig, OffloadLeader, OffloadWorker
+from kvsched.offload.plan import OpReports
 
 L, NB, BS, PAGE = 3, 16, 4, 64  # layers, GPU blocks, tokens per block, bytes per block and layer
 
@@ -260,6 +261,12 @@ def test_idle_collect_shares_one_read_only_empty_result():
     assert not first.reports
     with pytest.raises(AttributeError):
         first.finished_sending.add("r")  # read-only: frozen sets
+    with pytest.raises(AttributeError):
+        first.reports.add(1, True)  # and a read-only report map
+    with pytest.raises(AttributeError):
+        first.reports.aggregate(OpReports({1: [1, 0]}))
+    assert not OpReports().aggregate(first.reports)  # reading it is fine
+    assert not first.reports and step(w, lead) is first
     # A step in which something ends gets a result of its own.
     lead.plan_stores("r1", [b"x0"], [0], 0, 1)
     step(w, lead, kv, writes=[(0, 5)])

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -53,6 +54,7 @@ from kvsched.offload.config import OffloadConfig
 from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec
 from kvsched.pool import BlockPool
 from kvsched.protocol import Decision, LayerComplete, TransferKind
+from kvsched.transfer.plan import _SMALL as _FEW_PAIRS  # build_plan checks this many in plain Python
 
 __all__ = ["OffloadWorker", "StepResults"]
 
@@ -78,8 +80,11 @@ class StepResults:
 
 
 # What collect() returns when nothing ended since the last call (most decode steps): one shared,
-# read-only value (frozen sets, no reports), so an idle step allocates nothing.
-_NOTHING = StepResults(frozenset(), frozenset(), frozenset(), OpReports())  # type: ignore[arg-type]
+# read-only value, so an idle step allocates nothing. Frozen sets and a read-only report map:
+# a caller that tries to add to it gets an error instead of changing what every later idle
+# step returns.
+_NOTHING = StepResults(frozenset(), frozenset(), frozenset(),  # type: ignore[arg-type]
+                       OpReports(MappingProxyType({})))  # type: ignore[arg-type]
 
 
 class _Op:
@@ -719,10 +724,6 @@ def _pairs(src: list[int], dst: list[int]) -> Any:
     if len(src) <= _FEW_PAIRS:
         return list(zip(src, dst))
     return np.array([src, dst], dtype=np.int64).T
-
-
-# Up to this many pairs go to submit as a list (build_plan's fast path takes up to 64).
-_FEW_PAIRS = 64
 
 
 def _distinct(events: list[Any]) -> Any:

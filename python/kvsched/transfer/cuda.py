@@ -80,6 +80,7 @@ from kvsched.transfer.cudart import (
 )
 from kvsched.transfer.errors import CudaError, TransferEngineClosedError, TransferQueueFullError
 from kvsched.transfer.job import TransferJob
+from kvsched.transfer.plan import LIST_SEGMENTS
 from kvsched.transfer.sm_copy import (
     DEFAULT_CTAS,
     DescriptorTables,
@@ -218,7 +219,7 @@ class CudaBackend:
         self._prepare(plan.src)
         self._prepare(plan.dst)
         # Python lists for small jobs (cheaper than a dozen numpy calls), numpy arrays for large.
-        srcs, dsts, sizes = plan.segment_lists() if plan.num_copies <= _LIST_SEGMENTS else plan.segments()
+        srcs, dsts, sizes = plan.segment_lists() if plan.num_copies <= LIST_SEGMENTS else plan.segments()
         count = len(srcs)
         choice = self._choose(job, kind, count)
         table = None
@@ -782,12 +783,6 @@ class CudaBackend:
                 raise CudaError("data read back differs from data written")
         finally:
             dev.free()
-
-
-# Jobs of at most this many copies (layers x pieces x runs) get their addresses as Python lists
-# (CopyPlan.segment_lists); measured with one layer and piece, lists were cheaper up to 64 copies
-# and numpy beyond.
-_LIST_SEGMENTS = 64
 
 
 def _ints(values: Any) -> list[int]:

@@ -43,6 +43,7 @@ from kvsched.pool import BlockPool
 from kvsched.transfer.backend import event_list
 from kvsched.transfer.errors import TransferEngineClosedError, TransferError, TransferQueueFullError
 from kvsched.transfer.job import TransferJob
+from kvsched.transfer.plan import LIST_SEGMENTS
 from kvsched.transfer.remote import RemotePool, decode_pool, encode_pool
 
 __all__ = ["NixlBackend", "load_nixl", "NOTIFY_PREFIX", "REMOTE_PLAN"]
@@ -336,10 +337,10 @@ class NixlBackend:
         local_dev, remote_dev = local.device_index or 0, remote.device_id
         local_descs: Any
         remote_descs: Any
-        if plan.num_copies <= _FEW_SEGMENTS:
+        if plan.num_copies <= LIST_SEGMENTS:
             # A few descriptors: (addr, len, dev) tuples made in plain Python, which NIXL takes
-            # as they are; a dozen numpy calls cost more than that below a few dozen (and run
-            # with the caches cold: a job's bytes just went through them).
+            # as they are; a dozen numpy calls cost more (and run with the caches cold: a job's
+            # bytes just went through them).
             s_list, d_list, size_list = plan.segment_lists()
             local_list, remote_list = (s_list, d_list) if op == "WRITE" else (d_list, s_list)
             local_descs = [(a, n, local_dev) for a, n in zip(local_list, size_list)]
@@ -662,10 +663,6 @@ class NixlBackend:
         with self._lock:
             self._closing = True
             self._wake.notify()
-
-
-# Up to this many descriptors per side are built as Python tuples, more as a numpy array.
-_FEW_SEGMENTS = 64
 
 
 def _descs(addrs: np.ndarray, sizes: np.ndarray, device: int) -> np.ndarray:

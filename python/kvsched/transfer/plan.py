@@ -26,6 +26,11 @@ from kvsched.pool import BlockPool
 
 __all__ = ["CopyPlan", "build_plan"]
 
+# Plans of at most this many copies (layers x pieces x runs) are best turned into addresses with
+# CopyPlan.segment_lists(), larger ones with segments(): measured with one layer and piece, Python
+# lists were cheaper up to 64 copies and numpy beyond. The cuda and nixl backends both follow it.
+LIST_SEGMENTS = 64
+
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
