@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI for the vLLM connector: a CPU test environment (torch's CPU build) and, for each tested vLLM
 # version in turn, vLLM without its dependencies, then vLLM's requirements minus the GPU-only
-# ones, then kvsched, and tests/vllm with KVSCHED_REQUIRE_VLLM=1 (a missing vLLM fails, never
-# skips; tests/offload runs in the main suite).
+# ones, then kvsched, and tests/vllm with KVSCHED_REQUIRE_VLLM=1 and KVSCHED_REQUIRE_NIXL=1 (a
+# missing vLLM or NIXL fails, never skips; tests/offload runs in the main suite).
 # Called by .ci/run; KVSCHED_VLLM_VERSIONS overrides the versions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,10 @@ start=$(date +%s)
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/pip" install -q torch==2.13.0
-echo "CPU test environment (torch): $(( $(date +%s) - start )) s"
+# NIXL for the disaggregated roles (tests/vllm/test_disagg.py), installed as tests/remote/ci.sh
+# does: the meta-package and its cu12 build without their dependencies (no CUDA torch).
+"$venv/bin/pip" install -q --no-deps "nixl==${KVSCHED_NIXL_VERSION:-1.5.1}" "nixl-cu12==${KVSCHED_NIXL_VERSION:-1.5.1}"
+echo "CPU test environment (torch, NIXL): $(( $(date +%s) - start )) s"
 for version in ${KVSCHED_VLLM_VERSIONS:-0.33.0 0.34.0}; do
   start=$(date +%s)
   "$venv/bin/pip" install -q --no-deps "vllm==$version"
@@ -27,5 +30,5 @@ for version in ${KVSCHED_VLLM_VERSIONS:-0.33.0 0.34.0}; do
   "$venv/bin/pip" install -q "$(ls "$wheels"/kvsched-*.whl)[test]"   # after vLLM's pins, as a user would
   "$venv/bin/python" -c "import vllm, sys; assert vllm.__version__ == sys.argv[1], vllm.__version__" "$version"
   echo "vLLM $version installed: $(( $(date +%s) - start )) s"
-  KVSCHED_REQUIRE_VLLM=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs tests/vllm
+  KVSCHED_REQUIRE_VLLM=1 KVSCHED_REQUIRE_NIXL=1 UCX_TLS=tcp "$venv/bin/python" -m pytest -q -p no:cacheprovider -rs tests/vllm
 done

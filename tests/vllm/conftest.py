@@ -13,3 +13,12 @@ except Exception:  # noqa: BLE001
 if _VLLM < (0, 34):
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# NIXL's meta-package picks its build (nixl-cu12 / nixl-cu13) from the CUDA stack already
+# imported. vLLM imports cuda-python's CUDA 13 bindings even on a CPU machine, while the CPU
+# test environment has the nixl-cu12 build (the one whose UCX starts without a driver): import
+# NIXL first, so it takes the build that is installed (test_disagg.py; absent: it skips).
+try:
+    import nixl  # noqa: F401
+except Exception:  # noqa: BLE001 - no NIXL: test_disagg.py skips with the reason
+    pass

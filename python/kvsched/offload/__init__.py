@@ -12,6 +12,9 @@ Three pieces, each usable without any serving engine installed:
   kvsched operation joined from both halves, a store of layer k is gated on
   ``LayerComplete(k, iteration)``, outcomes come from ``take_finished``.
 
+The same plan carries disaggregated serving's reads between instances (:class:`SendSpec` on
+the producer, :class:`RecvSpec` on the consumer; ``docs/disaggregation.md``).
+
 :mod:`kvsched.vllm` adapts them to vLLM's ``KVConnectorBase_V1``; ``docs/vllm.md`` walks a
 request through them step by step.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from kvsched.offload.config import OffloadConfig
 from kvsched.offload.leader import OffloadLeader
-from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec
+from kvsched.offload.plan import LoadSpec, OpReports, RecvSpec, SendSpec, StepPlan, StoreSpec
 from kvsched.offload.tier import HostTier
 from kvsched.offload.worker import OffloadWorker, StepResults
 
@@ -32,6 +35,8 @@ __all__ = [
     "StepPlan",
     "LoadSpec",
     "StoreSpec",
+    "SendSpec",
+    "RecvSpec",
     "OpReports",
     "StepResults",
 ]

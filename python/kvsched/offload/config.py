@@ -34,6 +34,9 @@ class OffloadConfig:
       last layer (one submission per step; nothing to overlap on the host backend, where a copy
       thread and the forward thread share the CPU and the GIL). ``"auto"``: ``"layer"`` on the
       cuda backend, ``"step"`` on the host backend.
+    * ``remote_timeout``: disaggregated serving, producer side: seconds a finished request's
+      blocks are kept for the consumer's read; after that they are freed (the consumer's read
+      then fails and it recomputes). Default 480, as vLLM's ``VLLM_NIXL_ABORT_REQUEST_TIMEOUT``.
     """
 
     host_bytes: int
@@ -42,8 +45,9 @@ class OffloadConfig:
     backend: str = "auto"
     op_timeout: float | None = None
     op_granularity: str = "auto"
+    remote_timeout: float = 480.0
 
-    KEYS = ("host_bytes", "load_mode", "max_inflight", "backend", "op_timeout", "op_granularity")
+    KEYS = ("host_bytes", "load_mode", "max_inflight", "backend", "op_timeout", "op_granularity", "remote_timeout")
 
     @classmethod
     def from_dict(cls, extra: Mapping[str, Any] | None, *, where: str = "kv_connector_extra_config") -> "OffloadConfig":
@@ -86,8 +90,14 @@ class OffloadConfig:
             raise InvalidArgumentError(
                 f"{where}: 'op_granularity' must be one of {_GRANULARITIES}, got {granularity!r}"
             )
+        remote_timeout = extra.get("remote_timeout", 480.0)
+        if (isinstance(remote_timeout, bool) or not isinstance(remote_timeout, (int, float))
+                or not remote_timeout > 0 or math.isinf(remote_timeout)):
+            raise InvalidArgumentError(
+                f"{where}: 'remote_timeout' must be a positive number of seconds, got {remote_timeout!r}"
+            )
         return cls(host_bytes, load_mode, max_inflight, backend, None if op_timeout is None else float(op_timeout),
-                   granularity)
+                   granularity, float(remote_timeout))
 
     def num_host_blocks(self, block_bytes_per_worker: int, world_size: int = 1, *, where: str = "kv_connector_extra_config") -> int:
         """Tier capacity in blocks: ``host_bytes // (world_size * block_bytes_per_worker)``;

@@ -21,17 +21,29 @@ thread calls it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from kvsched.errors import InvalidArgumentError
-from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec, new_op_id
+from kvsched.offload.plan import LoadSpec, OpReports, RecvSpec, SendSpec, StepPlan, StoreSpec, new_op_id
 from kvsched.offload.tier import HostTier
 
-__all__ = ["OffloadLeader"]
+log = logging.getLogger("kvsched")
 
-_LOAD, _STORE = 0, 1
+__all__ = ["OffloadLeader", "REMOTE_PARAMS_KEY", "check_remote_params"]
+
+_LOAD, _STORE, _SEND, _RECV = 0, 1, 2, 3
+_LAYER_MASK = (1 << 16) - 1
+
+#: The key of kvsched's part in a request's ``kv_transfer_params`` (disaggregated serving).
+REMOTE_PARAMS_KEY = "kvsched"
+_PARAMS_VERSION = 1
+_RECV_SEEN = 1 << 16  # operation ids a consumer remembers having read
 
 
 @dataclass
@@ -76,7 +88,15 @@ class OffloadLeader:
             "lookups": 0, "lookups_deferred": 0, "lookup_tokens": 0, "hit_tokens": 0,
             "loads_planned": 0, "stores_planned": 0, "blocks_load_planned": 0, "blocks_store_planned": 0,
             "loads_ok": 0, "loads_failed": 0, "stores_ok": 0, "stores_failed": 0, "stores_skipped_full": 0,
+            "sends_planned": 0, "sends_ok": 0, "sends_failed": 0, "sends_unavailable": 0,
+            "recvs_planned": 0, "recvs_ok": 0, "recvs_failed": 0, "recvs_refused": 0,
         }
+        # Disaggregated serving, producer: each worker's GPU pool description (rank -> bytes,
+        # OffloadWorker.pool_description), handed to consumers with each finished request.
+        self.exports: dict[int, bytes] = {}
+        # Consumer: operation ids already read (bounded). Parameters replayed after the first read
+        # would read blocks the producer may have given to another request by then.
+        self._recv_seen: OrderedDict[int, None] = OrderedDict()
         self.cpu_s = 0.0  # host CPU time spent in this object's calls (thread time)
 
     # ------------------------------------------------------------------------------ queries
@@ -198,6 +218,70 @@ class OffloadLeader:
         self.cpu_s += time.thread_time() - t0
         return spec
 
+    # ------------------------------------------------------------------------------ disaggregation
+
+    def plan_send(self, req_id: str, gpu_block_ids: Sequence[int]) -> dict | None:
+        """Producer side: the finished request ``req_id``'s blocks will be read by a peer. Plans
+        the workers' wait for the peer's read (an operation the peer's read notification ends)
+        and returns what the peer needs, to go in the request's transfer parameters (plain JSON
+        types: ``{"v", "op_id", "block_ids", "pools"}``), or None when :attr:`exports` lacks a
+        worker's pool. Call it before :meth:`finished`, which then keeps the blocks until the
+        wait ended."""
+        if any(rank not in self.exports for rank in range(self.world_size)):
+            self.stats["sends_unavailable"] += 1
+            return None
+        r = self._reqs.setdefault(req_id, _Request())
+        gpu = [int(b) for b in gpu_block_ids]
+        op_id = new_op_id()
+        self._ops[op_id] = _Op(_SEND, req_id, [])
+        r.ops.add(op_id)
+        self._plan.sends.append(SendSpec(op_id, req_id, gpu))
+        self.stats["sends_planned"] += 1
+        return {
+            "v": _PARAMS_VERSION,
+            "op_id": f"{op_id:032x}",
+            "block_ids": gpu,
+            "pools": [base64.b64encode(self.exports[rank]).decode("ascii") for rank in range(self.world_size)],
+        }
+
+    def plan_recv(self, req_id: str, params: Any, gpu_block_ids: Sequence[int], num_computed_tokens: int,
+                  num_external_tokens: int) -> RecvSpec:
+        """Consumer side: read the ``num_external_tokens`` after ``num_computed_tokens`` from the
+        producer that sent ``params`` (:meth:`plan_send`'s value, which came over the network:
+        checked as untrusted input) into the request's GPU blocks ``gpu_block_ids`` (all of
+        them, in token order). The engine waits for the read as for an asynchronous load.
+        Parameters that do not fit (checked with :func:`check_remote_params` before the engine
+        counted the tokens as external, so this is rare) plan a read that fails at once: its
+        blocks are reported failed and the engine computes them itself."""
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        end = -(-(num_computed_tokens + num_external_tokens) // bs)
+        try:
+            remote_ids, op_id, pools = check_remote_params(params, self.world_size)
+            if num_computed_tokens % bs or end > len(remote_ids) or end > len(gpu_block_ids) or end <= start:
+                raise InvalidArgumentError(
+                    f"tokens {num_computed_tokens}..{num_computed_tokens + num_external_tokens} do not fit the "
+                    f"producer's {len(remote_ids)} blocks and {len(gpu_block_ids)} local blocks"
+                )
+            if op_id in self._ops or op_id in self._recv_seen:
+                raise InvalidArgumentError(f"operation {op_id:032x} was already read here (parameters replayed?)")
+            self._recv_seen[op_id] = None
+            if len(self._recv_seen) > _RECV_SEEN:
+                self._recv_seen.popitem(last=False)
+        except InvalidArgumentError as exc:
+            log.warning("kvsched: request %r: read from the producer refused, recomputing: %s", req_id, exc)
+            self.stats["recvs_refused"] += 1
+            remote_ids, op_id, pools = [], new_op_id(), []  # no pool for any rank: fails on every worker
+        r = self._reqs.setdefault(req_id, _Request())
+        self._ops[op_id] = _Op(_RECV, req_id, [])
+        r.ops.add(op_id)
+        r.async_load = op_id
+        gpu = [int(b) for b in gpu_block_ids[start:end]]
+        spec = RecvSpec(op_id, req_id, gpu, remote_ids[start:end] if remote_ids else [0] * len(gpu), pools)
+        self._plan.recvs.append(spec)
+        self.stats["recvs_planned"] += 1
+        return spec
+
     # ------------------------------------------------------------------------------ lifecycle
 
     def preempted(self, req_id: str) -> None:
@@ -238,7 +322,8 @@ class OffloadLeader:
 
     def on_reports(self, reports: OpReports | None) -> list[tuple[str, int, bool]]:
         """Count the workers' reports; returns ``(req_id, kind, ok)`` for operations that
-        ended on every worker (kind 0 = load, 1 = store)."""
+        ended on every worker (kind 0 = load, 1 = store, 2 = a peer's read of this instance's
+        blocks, 3 = a read from a peer)."""
         if not reports:
             return []
         t0 = time.thread_time()
@@ -256,6 +341,10 @@ class OffloadLeader:
             if op.kind == _LOAD:
                 self.tier.end_load(op.keys, ok)
                 self.stats["loads_ok" if ok else "loads_failed"] += 1
+            elif op.kind == _SEND:
+                self.stats["sends_ok" if ok else "sends_failed"] += 1
+            elif op.kind == _RECV:
+                self.stats["recvs_ok" if ok else "recvs_failed"] += 1
             else:
                 for k in op.keys:
                     self.tier.end_store(k, ok)
@@ -274,3 +363,36 @@ class OffloadLeader:
     def forget(self, req_id: str) -> None:
         """Drop a request the engine no longer knows (its operations still count when reported)."""
         self._reqs.pop(req_id, None)
+
+
+def check_remote_params(params: Any, world_size: int) -> tuple[list[int], int, list[bytes]]:
+    """A producer's :meth:`OffloadLeader.plan_send` value as it arrived (untrusted): (block
+    ids, operation id, pool descriptions), or ``InvalidArgumentError`` saying what is wrong."""
+    def bad(what: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"kv_transfer_params[{REMOTE_PARAMS_KEY!r}]: {what}")
+
+    if not isinstance(params, dict):
+        raise bad(f"must be a dict, got {type(params).__name__}")
+    if params.get("v") != _PARAMS_VERSION:
+        raise bad(f"version {params.get('v')!r} is not {_PARAMS_VERSION} (producer and consumer run "
+                  "different kvsched releases?)")
+    ids = params.get("block_ids")
+    if not isinstance(ids, list) or not all(type(b) is int and 0 <= b < 2**31 for b in ids):
+        raise bad("'block_ids' must be a list of block ids")
+    op = params.get("op_id")
+    try:
+        op_id = int(op, 16) if isinstance(op, str) and len(op) == 32 else -1
+    except ValueError:
+        op_id = -1
+    if op_id <= 0 or op_id & _LAYER_MASK:
+        raise bad(f"'op_id' {op!r} is not an operation id")
+    pools = params.get("pools")
+    if not isinstance(pools, list) or len(pools) != world_size:
+        n = len(pools) if isinstance(pools, list) else "no"
+        raise bad(f"{n} pools for {world_size} workers (producer and consumer need the same tensor "
+                  "parallel size)")
+    try:
+        raw = [base64.b64decode(p, validate=True) for p in pools]
+    except (TypeError, ValueError, binascii.Error) as exc:
+        raise bad(f"'pools' are not base64 pool descriptions ({exc})") from None
+    return ids, op_id, raw

@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid as _uuid
 from dataclasses import dataclass, field
 
-__all__ = ["LoadSpec", "StoreSpec", "StepPlan", "OpReports", "new_op_id", "layer_uuid"]
+__all__ = ["LoadSpec", "StoreSpec", "SendSpec", "RecvSpec", "StepPlan", "OpReports", "new_op_id", "layer_uuid"]
 
 _LAYER_BITS = 16
 _LAYER_MASK = (1 << _LAYER_BITS) - 1
@@ -57,6 +57,32 @@ class StoreSpec:
 
 
 @dataclass
+class SendSpec:
+    """Disaggregated serving, producer side: a peer (the decode instance) will read GPU blocks
+    ``gpu_blocks`` of the finished request ``req_id``. The worker keeps them until the peer's
+    notification for operation ``op_id`` says the read ended (or the wait timed out)."""
+
+    op_id: int
+    req_id: str
+    gpu_blocks: list[int]
+
+
+@dataclass
+class RecvSpec:
+    """Disaggregated serving, consumer side: read the producer's GPU blocks ``remote_blocks[i]``
+    into this instance's GPU blocks ``gpu_blocks[i]`` (every layer), with operation ``op_id``
+    (the same uuid as the producer's :class:`SendSpec`, so its notification ends the producer's
+    operation). ``pools``: the producer's exported pool per rank (``TransferEngine.export_pool``
+    bytes, agent metadata included); worker rank r reads from ``pools[r]``."""
+
+    op_id: int
+    req_id: str
+    gpu_blocks: list[int]
+    remote_blocks: list[int]
+    pools: list[bytes]
+
+
+@dataclass
 class StepPlan:
     """One engine step's transfers, in the order the scheduler decided them.
 
@@ -66,17 +92,22 @@ class StepPlan:
     * ``aborted``: finished requests whose pending operations should be cancelled.
     * ``release``: finished requests the engine keeps blocks for until the worker reports
       them (vLLM's ``finished_sending``), once every operation of theirs has ended.
+    * ``sends`` / ``recvs``: disaggregated serving (a peer reads a finished request's blocks;
+      this instance reads a peer's).
     * ``host_blocks``: the tier's capacity in blocks (the workers check their host pools)."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
+    sends: list[SendSpec] = field(default_factory=list)
+    recvs: list[RecvSpec] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     release: list[str] = field(default_factory=list)
     host_blocks: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.loads or self.stores or self.preempted or self.aborted or self.release)
+        return bool(self.loads or self.stores or self.preempted or self.aborted or self.release
+                    or self.sends or self.recvs)
 
 
 @dataclass

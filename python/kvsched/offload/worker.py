@@ -43,6 +43,7 @@ marking the ones in between, and ``end_step`` marks the whole iteration (S2).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable
@@ -51,9 +52,9 @@ import numpy as np
 
 from kvsched.errors import InvalidArgumentError, KvschedError
 from kvsched.offload.config import OffloadConfig
-from kvsched.offload.plan import LoadSpec, OpReports, StepPlan, StoreSpec
+from kvsched.offload.plan import LoadSpec, OpReports, RecvSpec, SendSpec, StepPlan, StoreSpec
 from kvsched.pool import BlockPool
-from kvsched.protocol import Decision, LayerComplete, TransferKind
+from kvsched.protocol import Decision, LayerComplete, RequestMode, TransferKind
 from kvsched.transfer.plan import _SMALL as _FEW_PAIRS  # build_plan checks this many in plain Python
 
 __all__ = ["OffloadWorker", "StepResults"]
@@ -61,6 +62,9 @@ __all__ = ["OffloadWorker", "StepResults"]
 log = logging.getLogger("kvsched")
 
 _EXECUTE = Decision.EXECUTE
+_LOAD_OP, _STORE_OP, _SEND_OP = 0, 1, 2  # _Op.kind; a read from a peer is a load with a remote source
+_PEER_ROLES = (None, "producer", "consumer")
+_MAX_PEER_POOLS = 64  # imported producer pools kept (a consumer reads from a few producers)
 
 
 @dataclass
@@ -89,7 +93,7 @@ _NOTHING = StepResults(frozenset(), frozenset(), frozenset(),  # type: ignore[ar
 
 class _Op:
     __slots__ = ("op_id", "kind", "req_id", "slot", "gpu", "host", "layers", "parts", "handles", "jobs",
-                 "settled", "cancelled", "ended", "layerwise", "events", "submitted", "specs", "pairs")
+                 "settled", "cancelled", "ended", "layerwise", "events", "submitted", "specs", "pairs", "remote")
 
     def __init__(self, op_id: int, kind: int, req_id: str, slot: str, gpu: list[int], host: list[int],
                  layers: list[int | None], layerwise: bool, events: list[Any] | None) -> None:
@@ -107,6 +111,7 @@ class _Op:
         self.submitted = 0
         self.specs: list[Any] = []  # a batch: the requests' StoreSpecs (or layerwise LoadSpecs) it carries
         self.pairs: Any = None  # (N, 2) source and destination block ids, made at the first submit
+        self.remote: Any = None  # a read from a peer: its RemotePool (or the exception importing it)
 
 
 class OffloadWorker:
@@ -115,8 +120,19 @@ class OffloadWorker:
     ``fault_hook``)."""
 
     def __init__(self, config: OffloadConfig, *, world_size: int = 1, rank: int = 0,
-                 engine_options: dict[str, Any] | None = None) -> None:
+                 engine_options: dict[str, Any] | None = None, peer_role: str | None = None) -> None:
+        if peer_role not in _PEER_ROLES:
+            raise InvalidArgumentError(f"peer_role must be one of {_PEER_ROLES}, got {peer_role!r}")
         self.config = config
+        # Disaggregated serving: "producer" (a peer reads finished requests' blocks) or
+        # "consumer" (this worker reads a peer's); either makes a NIXL engine at register().
+        self.peer_role = peer_role
+        self.remote_engine: Any = None
+        # Disaggregated serving: this worker's GPU pool as TransferEngine.export_pool bytes
+        # (NIXL agent metadata included), for the scheduler side to hand to the peers.
+        self.pool_description: bytes | None = None
+        self._peer_pools: OrderedDict[bytes, Any] = OrderedDict()
+        self._step_recvs: list[RecvSpec] = []
         self.world_size = world_size
         self.rank = rank
         self._engine_options = dict(engine_options or {})
@@ -199,9 +215,16 @@ class OffloadWorker:
         granularity = self.config.op_granularity
         self._per_layer = granularity == "layer" or (granularity == "auto" and self.engine.backend == "cuda")
         self.first_gating_layer = 0 if self._per_layer else self.num_layers - 1
+        if self.peer_role is not None:
+            # One NIXL agent per worker for the peer's transfers (the tier's copies stay on the
+            # engine above: NIXL moves bytes between processes, not within one). The GPU pool
+            # is registered with it and described for the peer, once.
+            self.remote_engine = TransferEngine(self.scheduler, backend="nixl")
+            self.pool_description = self.remote_engine.export_pool(gpu_pool)
         log.info("kvsched offload worker %d/%d: %d host blocks of %d bytes x %d layers, backend %s, "
-                 "operations per %s", self.rank, self.world_size, self.host_blocks, gpu_pool.block_bytes,
-                 self.num_layers, self.engine.backend, "layer" if self._per_layer else "step")
+                 "operations per %s%s", self.rank, self.world_size, self.host_blocks, gpu_pool.block_bytes,
+                 self.num_layers, self.engine.backend, "layer" if self._per_layer else "step",
+                 "" if self.peer_role is None else f", disaggregated {self.peer_role}")
 
     def _make_host_pool(self, gpu_pool: BlockPool, n: int) -> BlockPool:
         shape = (gpu_pool.num_layers, gpu_pool.num_pieces, n, gpu_pool.piece_bytes)
@@ -228,7 +251,7 @@ class OffloadWorker:
         self._require_registered()
         if self._in_iteration:  # the previous step's hooks never ended it
             self._end_iteration()
-        if self._step_loads:  # an engine that skipped start_load_kv: join them now, never drop one
+        if self._step_loads or self._step_recvs:  # an engine skipped start_load_kv: never drop one
             self.start_loads()
         self._step += 1
         self._next_layer = 0
@@ -240,6 +263,10 @@ class OffloadWorker:
                     f"the scheduler side plans for {plan.host_blocks} host blocks, this worker has "
                     f"{self.host_blocks}: both must derive the capacity from the same host_bytes and block size"
                 )
+            if plan.recvs:  # checked before the plan changes anything
+                self._require_peer_role("consumer", "reads from a peer")
+            if plan.sends:
+                self._require_peer_role("producer", "peer reads")
             if plan.preempted and self._fenced is not plan:
                 self.fence_preempted(plan)
             self._fenced = None
@@ -252,6 +279,10 @@ class OffloadWorker:
                 self._join_stores(plan.stores)
             if plan.loads:
                 self._step_loads = list(plan.loads)
+            if plan.recvs:
+                self._step_recvs = list(plan.recvs)
+            if plan.sends:
+                self._join_sends(plan.sends)
             for rid in plan.release:
                 self._release.add(rid)
                 self._finished_rids.add(rid)
@@ -303,6 +334,45 @@ class OffloadWorker:
         self.stats["stores"] += len(specs)
         self.stats_changed = True
 
+    def _join_sends(self, specs: list[SendSpec]) -> None:
+        """Producer: per finished request, an operation in its slot that the consumer's read
+        ends. IMMEDIATE (decided at once, no token: the peer runs the copy, this side only
+        keeps the blocks), expected from the peer at once; it ends with the peer's
+        notification, or fails after ``remote_timeout``. Its request is released (the engine
+        frees the blocks) when it ended, as for stores."""
+        w, t, ops = self._w, self._t, self._ops
+        for spec in specs:
+            slot = self._slot(spec.req_id)
+            op = _Op(spec.op_id, _SEND_OP, spec.req_id, slot, list(spec.gpu_blocks), [], [None], False, None)
+            u = _part_id(spec.op_id, 0)
+            w.enqueue(slot, u, TransferKind.STORE, RequestMode.IMMEDIATE)
+            self._slot_ops[slot].append(op)
+            op.handles[0] = h = t.schedule(slot, u, None, RequestMode.IMMEDIATE)
+            ops[u] = (op, 0)
+            self._dispatch_one(h, *self._take(u))
+            self.stats["sends"] += 1
+            self.stats_changed = True
+
+    def _require_peer_role(self, role: str, what: str) -> None:
+        if self.peer_role != role:
+            raise InvalidArgumentError(
+                f"the step plan has {what}, but this worker is not a disaggregated {role} "
+                f"(peer_role={self.peer_role!r}: kv_role must be kv_{role} on both sides)"
+            )
+
+    def _peer_pool(self, description: bytes) -> Any:
+        """The producer's pool for ``description`` (imported once; its agent metadata too)."""
+        pools = self._peer_pools
+        pool = pools.get(description)
+        if pool is None:
+            pool = self.remote_engine.import_pool(description)
+            pools[description] = pool
+            if len(pools) > _MAX_PEER_POOLS:
+                pools.popitem(last=False)
+        else:
+            pools.move_to_end(description)
+        return pool
+
     def _fence(self, ops: Iterable[_Op], timeout: float = 60.0) -> None:
         """Wait until no copy of ``ops`` touches their blocks any more: undecided parts are waited
         for and submitted (or cancelled), running copies waited for."""
@@ -322,12 +392,29 @@ class OffloadWorker:
         """Join this step's loads (no requirement: each runs when a token is free, loads before
         stores). ``wait_event``: the compute stream's event the copies wait for (GPU: the last
         reads of reused blocks)."""
-        if not self._step_loads:
+        if not self._step_loads and not self._step_recvs:
             return
         w, t, L = self._w, self._t, self.num_layers
         ops, waiting = self._ops, self._waiting
         loads, self._step_loads = self._step_loads, []
         events = [wait_event] if wait_event is not None else None
+        if self._step_recvs:
+            recvs, self._step_recvs = self._step_recvs, []
+            for rs in recvs:  # reads from the producer: like async loads, with a remote source
+                slot = self._slot(rs.req_id)
+                op = _Op(rs.op_id, _LOAD_OP, rs.req_id, slot, rs.gpu_blocks, rs.remote_blocks, [None], False, None)
+                try:
+                    op.remote = self._peer_pool(rs.pools[self.rank])
+                except Exception as exc:  # noqa: BLE001 - a bad description: the read fails, the engine recomputes
+                    op.remote = exc
+                u = _part_id(rs.op_id, 0)
+                w.enqueue(slot, u, TransferKind.LOAD)
+                self._slot_ops[slot].append(op)
+                op.handles[0] = t.schedule(slot, u)
+                ops[u] = (op, 0)
+                waiting[u] = None
+                self.stats["loads"] += 1
+                self.stats_changed = True
         layerwise = [spec for spec in loads if spec.layerwise]
         if layerwise:  # one operation per layer (or one per step) for all of them, in the step's load slot
             slot = f"\x02load{self._step}"
@@ -393,7 +480,7 @@ class OffloadWorker:
     def has_step_loads(self) -> bool:
         """True when :meth:`start_loads` has loads to join (an engine may skip recording the
         compute event for it otherwise)."""
-        return bool(self._step_loads)
+        return bool(self._step_loads or self._step_recvs)
 
     def layer_done(self, layer: int, compute_event: Any = None) -> None:
         """Layer ``layer``'s KV of this step is written; on a GPU ``compute_event`` (the compute
@@ -581,10 +668,13 @@ class OffloadWorker:
             op.settled[part] = True
             h.mark_complete(error=f"request {op.req_id!r} was cancelled before its copy started")
             return
+        if op.kind == _SEND_OP or op.remote is not None:
+            self._dispatch_remote(h, op, part)
+            return
         layer = op.layers[part]
         layers = None if layer is None else [layer]
         pairs = op.pairs
-        if op.kind == 0:
+        if op.kind == _LOAD_OP:
             if pairs is None:
                 pairs = op.pairs = _pairs(op.host, op.gpu)
             src, dst = self.host_pool, self.gpu_pool
@@ -605,6 +695,23 @@ class OffloadWorker:
             op.submitted += 1
         except Exception as exc:  # bad ids, a full queue, a closed engine: the op fails, cleanly
             log.warning("kvsched offload: %s of request %r not submitted: %s", "load" if op.kind == 0 else "store", op.req_id, exc)
+            op.settled[part] = True
+            h.mark_complete(error=exc)
+
+    def _dispatch_remote(self, h: Any, op: _Op, part: int) -> None:
+        """A decided part of a disaggregated operation: wait for the peer's read (producer), or
+        read from the peer (consumer; the read's notification ends the producer's operation)."""
+        try:
+            if op.kind == _SEND_OP:
+                op.jobs[part] = self.remote_engine.expect_remote(h, timeout=self.config.remote_timeout)
+            elif isinstance(op.remote, BaseException):
+                raise op.remote
+            else:
+                op.jobs[part] = self.remote_engine.submit(h, op.remote, self.gpu_pool, _pairs(op.host, op.gpu))
+            op.submitted += 1
+        except Exception as exc:  # noqa: BLE001 - a bad pool or ids, a closed engine: the op fails, cleanly
+            log.warning("kvsched offload: %s of request %r failed: %s",
+                        "peer read" if op.kind == _SEND_OP else "read from the peer", op.req_id, exc)
             op.settled[part] = True
             h.mark_complete(error=exc)
 
@@ -675,7 +782,10 @@ class OffloadWorker:
                 add(spec.op_id, ok)
         else:
             add(op.op_id, ok)
-        load = op.kind == 0
+        if op.kind == _SEND_OP:
+            stats["sends_ok" if ok else "sends_failed"] += 1
+            return
+        load = op.kind == _LOAD_OP
         if load and not op.layerwise:
             results.finished_recving.add(op.req_id)
         count = len(op.specs) or 1
@@ -701,9 +811,11 @@ class OffloadWorker:
         return out
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Let running copies land, then release the engine and the scheduler."""
+        """Let running copies land, then release the engines and the scheduler."""
         if self.engine is not None:
             self.engine.close(timeout)
+        if self.remote_engine is not None:
+            self.remote_engine.close(timeout)
         if self.scheduler is not None:
             self.scheduler.close()
 
@@ -742,4 +854,4 @@ def _rid_of(slot: str) -> str:
 def _new_stats() -> dict[str, float]:
     return {"loads": 0, "stores": 0, "loads_ok": 0, "loads_failed": 0, "stores_ok": 0, "stores_failed": 0,
             "blocks_loaded": 0, "blocks_stored": 0, "bytes_loaded": 0, "bytes_stored": 0,
-            "load_s": 0.0, "store_s": 0.0, "preemptions": 0}
+            "load_s": 0.0, "store_s": 0.0, "preemptions": 0, "sends": 0, "sends_ok": 0, "sends_failed": 0}

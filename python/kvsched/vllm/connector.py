@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
@@ -23,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvsched.errors import InvalidArgumentError
 from kvsched.offload import OffloadConfig, OffloadLeader, OffloadWorker, OpReports, StepPlan
+from kvsched.offload.leader import REMOTE_PARAMS_KEY, check_remote_params
 from kvsched.pool import BlockPool
 
 try:  # the tier a hit came from, for vLLM's per-source hit metrics (newer vLLM)
@@ -41,7 +43,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["KvschedConnector", "KvschedConnectorMetadata", "KvschedWorkerMetadata", "KvschedConnectorStats"]
+__all__ = ["KvschedConnector", "KvschedConnectorMetadata", "KvschedWorkerMetadata", "KvschedConnectorStats",
+           "KvschedHandshakeMetadata"]
 
 log = logging.getLogger("kvsched")
 
@@ -61,15 +64,26 @@ class KvschedWorkerMetadata(KVConnectorWorkerMetadata):
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KvschedWorkerMetadata":
         if isinstance(other, KvschedWorkerMetadata):
-            self.reports = OpReports(dict((k, list(v)) for k, v in self.reports.ops.items())).aggregate(other.reports)
+            self.reports = OpReports({k: list(v) for k, v in self.reports.ops.items()}).aggregate(other.reports)
         return self
+
+
+class KvschedHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler side, once at start-up (vLLM's handshake path, disaggregated roles):
+    the worker's GPU pool as ``TransferEngine.export_pool`` bytes, NIXL agent metadata
+    included."""
+
+    def __init__(self, pool: bytes) -> None:
+        self.pool = pool
 
 
 _STAT_KEYS = (
     "hit_tokens", "lookup_tokens", "loads_ok", "loads_failed", "stores_ok", "stores_failed",
     "blocks_loaded", "blocks_stored", "bytes_loaded", "bytes_stored", "load_s", "store_s",
-    "preemptions", "evictions", "stores_skipped_full",
+    "preemptions", "evictions", "stores_skipped_full", "sends_ok", "sends_failed",
 )
+# vLLM's kv_role -> the worker's part in disaggregated serving (None: a host tier only)
+_PEER_ROLES = {"kv_both": None, "kv_producer": "producer", "kv_consumer": "consumer"}
 
 
 @dataclass
@@ -103,8 +117,13 @@ class KvschedConnectorStats(KVConnectorStats):
 class KvschedConnector(KVConnectorBase_V1):
     """Host-memory KV tier on kvsched. Extra config: ``host_bytes`` (required), ``load_mode``
     (``"async"`` | ``"layerwise"``), ``max_inflight``, ``backend`` (``"auto"`` | ``"host"`` |
-    ``"cuda"``), ``op_timeout``, ``op_granularity`` (``"auto"`` | ``"layer"`` | ``"step"``); see
-    :class:`kvsched.offload.OffloadConfig`."""
+    ``"cuda"``), ``op_timeout``, ``op_granularity`` (``"auto"`` | ``"layer"`` | ``"step"``),
+    ``remote_timeout``; see :class:`kvsched.offload.OffloadConfig`.
+
+    ``kv_role``: ``kv_both`` (the tier); ``kv_producer`` / ``kv_consumer`` add disaggregated
+    prefill and decode over NIXL (``kvsched[nixl]``): a producer's finished request carries
+    what the consumer needs in its ``kv_transfer_params``, the consumer reads the blocks from
+    the producer's GPU memory; ``docs/disaggregation.md``."""
 
     if _HOST_SOURCE is not None:
         _cache_hit_source = _HOST_SOURCE
@@ -123,6 +142,11 @@ class KvschedConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._cuda = False
         self._last_stats = {"hit_tokens": 0, "lookup_tokens": 0, "evictions": 0, "stores_skipped_full": 0}
+        kv_role = vllm_config.kv_transfer_config.kv_role
+        if kv_role not in _PEER_ROLES:
+            raise InvalidArgumentError(f"KvschedConnector: kv_role must be one of {sorted(_PEER_ROLES)}, got {kv_role!r}")
+        self.peer_role = _PEER_ROLES[kv_role]
+        self._remote_reqs: dict[str, dict[str, Any]] = {}  # consumer: requests whose prompt a peer computed
         if role == KVConnectorRole.SCHEDULER:
             if kv_cache_config is None:
                 raise InvalidArgumentError("KvschedConnector needs vLLM's kv_cache_config (vLLM >= 0.33)")
@@ -137,21 +161,35 @@ class KvschedConnector(KVConnectorBase_V1):
                                                    where="KvschedConnector kv_connector_extra_config")
             self.leader = OffloadLeader(capacity, self.block_size, layerwise=self.layerwise, world_size=self.world_size)
         else:
-            self.worker = OffloadWorker(self.config, world_size=self.world_size, rank=_tp_rank())
+            self.worker = OffloadWorker(self.config, world_size=self.world_size, rank=_tp_rank(),
+                                        peer_role=self.peer_role)
 
     # ================================================================== scheduler side
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         self._requests[request.request_id] = request
+        if self.peer_role == "consumer":
+            remote = self._remote_params(request)
+            if remote is not None:  # a producer computed the prompt: read all of it, asynchronously
+                n = request.num_prompt_tokens - num_computed_tokens
+                if n > 0:
+                    self._remote_reqs[request.request_id] = remote
+                    return n, True
         n = self.leader.lookup(request.request_id, request.block_hashes, num_computed_tokens, request.num_tokens)
         if n is None:  # the next block is being stored: vLLM asks again at a later step
             return None, False
         return n, n > 0 and not self.layerwise
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        remote = self._remote_reqs.pop(request.request_id, None)
         if num_external_tokens <= 0:
             return
         self._requests[request.request_id] = request
+        if remote is not None:
+            self.leader.plan_recv(request.request_id, remote, blocks.get_block_ids()[0], request.num_computed_tokens,
+                                  num_external_tokens)
+            request.kv_transfer_params["do_remote_prefill"] = False  # read once; a failed read recomputes
+            return
         self.leader.plan_load(request.request_id, request.block_hashes, blocks.get_block_ids()[0], num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -177,8 +215,47 @@ class KvschedConnector(KVConnectorBase_V1):
 
         rid = request.request_id
         self._requests.pop(rid, None)
-        delay = self.leader.finished(rid, aborted=request.status == RequestStatus.FINISHED_ABORTED)
-        return delay, None
+        self._remote_reqs.pop(rid, None)
+        aborted = request.status == RequestStatus.FINISHED_ABORTED
+        params = request.kv_transfer_params
+        remote = None
+        if (self.peer_role == "producer" and not aborted and isinstance(params, dict)
+                and params.get("do_remote_decode") and request.status == RequestStatus.FINISHED_LENGTH_CAPPED):
+            # The prefill is done: keep its blocks for the consumer's read (released when the
+            # read's notification arrives, or after remote_timeout).
+            remote = self.leader.plan_send(rid, block_ids)
+            if remote is None:
+                log.warning("kvsched: request %r finished before the workers described their KV pools; "
+                            "the consumer will compute its prompt itself", rid)
+        delay = self.leader.finished(rid, aborted=aborted)
+        if remote is None:
+            return delay, None
+        return delay, {"do_remote_prefill": True, "do_remote_decode": False,
+                       "remote_engine_id": self._vllm_config.kv_transfer_config.engine_id, REMOTE_PARAMS_KEY: remote}
+
+    def _remote_params(self, request: "Request") -> dict[str, Any] | None:
+        """Consumer: the producer's part of the request's ``kv_transfer_params`` when it asks for
+        a read and is well formed (else None: the engine computes the prompt itself)."""
+        params = request.kv_transfer_params
+        if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+            return None
+        remote = params.get(REMOTE_PARAMS_KEY)
+        try:
+            check_remote_params(remote, self.world_size)
+        except InvalidArgumentError as exc:
+            log.warning("kvsched: request %r: computing its prompt here: %s", request.request_id, exc)
+            params["do_remote_prefill"] = False
+            return None
+        return remote
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        # vLLM's engine core: every worker's get_handshake_metadata, after it registered its KV
+        # caches and before the first step. A producer hands the pools to its consumers.
+        if self.leader is None:
+            return
+        for rank, meta in (metadata or {}).items():
+            if isinstance(meta, KvschedHandshakeMetadata):
+                self.leader.exports[int(rank)] = meta.pool
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -215,6 +292,10 @@ class KvschedConnector(KVConnectorBase_V1):
         pool = BlockPool.from_layers(tensors, block_dim=block_dim)
         self._cuda = pool.is_cuda
         self.worker.register(pool)
+
+    def get_handshake_metadata(self) -> KvschedHandshakeMetadata | None:
+        pool = self.worker.pool_description if self.worker is not None else None
+        return None if pool is None else KvschedHandshakeMetadata(pool)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -97,7 +97,8 @@ def layer_names() -> list[str]:
 
 def make_config(extra: dict[str, Any] | None, *, num_blocks: int = 64, max_batched: int = 256, tp: int = 1,
                 prefix_caching: bool = False,
-                connector: str = "KvschedConnector", module: str | None = "kvsched.vllm") -> VllmConfig:
+                connector: str = "KvschedConnector", module: str | None = "kvsched.vllm",
+                kv_role: str = "kv_both") -> VllmConfig:
     mc = ModelConfig(model=model_dir(), tokenizer=model_dir(), skip_tokenizer_init=True, dtype="float16",
                      max_model_len=1024, seed=0)
     sc = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_batched, max_model_len=1024,
@@ -106,7 +107,7 @@ def make_config(extra: dict[str, Any] | None, *, num_blocks: int = 64, max_batch
     cc.num_gpu_blocks = num_blocks
     kt = None
     if extra is not None:
-        kt = KVTransferConfig(kv_connector=connector, kv_role="kv_both", kv_connector_extra_config=extra,
+        kt = KVTransferConfig(kv_connector=connector, kv_role=kv_role, kv_connector_extra_config=extra,
                               kv_connector_module_path=module, kv_load_failure_policy="recompute")
     pc = ParallelConfig(tensor_parallel_size=tp) if tp > 1 else ParallelConfig()
     return VllmConfig(model_config=mc, scheduler_config=sc, cache_config=cc, kv_transfer_config=kt,
@@ -154,7 +155,8 @@ def read_kv(t: torch.Tensor, layout: str, block: int, off: int) -> torch.Tensor:
 class Worker:
     """One GPU worker: its KV tensors and its connector in the worker role."""
 
-    def __init__(self, vllm_config: VllmConfig, cfg: KVCacheConfig, layout: str, fault_hook: Any = None) -> None:
+    def __init__(self, vllm_config: VllmConfig, cfg: KVCacheConfig, layout: str, fault_hook: Any = None,
+                 rank: int = 0) -> None:
         self.layout = layout
         self.kv = allocate(cfg, layout)
         self.errors: list[str] = []
@@ -166,18 +168,23 @@ class Worker:
             self.connector.register_kv_caches(self.kv)
             return
         self.connector = KvschedConnector(vllm_config, KVConnectorRole.WORKER, cfg)
+        self.connector.worker.rank = rank  # one process plays every rank (vLLM's TP group is not set up)
         if fault_hook is not None:
             self.connector.worker._engine_options["fault_hook"] = fault_hook
         self.connector.register_kv_caches(self.kv)
-        engine = self.connector.worker.engine
-        submit = engine.submit
+        worker = self.connector.worker
+        for engine, name in ((worker.engine, "submit"), (worker.remote_engine, "submit"),
+                             (worker.remote_engine, "expect_remote")):
+            if engine is not None:
+                setattr(engine, name, self._tracked(getattr(engine, name)))
 
+    def _tracked(self, fn: Any) -> Any:
         def tracked(h: Any, *args: Any, **kwargs: Any) -> Any:
-            job = submit(h, *args, **kwargs)
+            job = fn(h, *args, **kwargs)
             self.jobs.append(job)
             return job
 
-        engine.submit = tracked
+        return tracked
 
     def running_jobs(self, rid: str) -> list[Any]:
         return [j for j in self.jobs if not j.done() and str(j.request_id).split("\x00")[0] == rid]
@@ -280,9 +287,12 @@ class Engine:
     connector_name: str = "KvschedConnector"
     connector_module: str | None = "kvsched.vllm"
     prefix_caching: bool = False  # vLLM's own GPU prefix cache (off: every hit comes from the tier)
+    kv_role: str = "kv_both"  # kv_producer / kv_consumer: disaggregated prefill and decode
     scheduler: Any = field(init=False)
     workers: list[Worker] = field(init=False)
     outputs: dict[str, list[int]] = field(init=False, default_factory=dict)
+    # kv_transfer_params of finished requests (a producer's, for the consumer)
+    transfer_params: dict[str, Any] = field(init=False, default_factory=dict)
     steps: int = field(init=False, default=0)
     hit_tokens: int = field(init=False, default=0)
     stats: list[Any] = field(init=False, default_factory=list)
@@ -290,14 +300,20 @@ class Engine:
     def __post_init__(self) -> None:
         self.vllm_config = make_config(self.extra, num_blocks=self.num_blocks, max_batched=self.max_batched, tp=self.tp,
                                        prefix_caching=self.prefix_caching, connector=self.connector_name,
-                                       module=self.connector_module)
+                                       module=self.connector_module, kv_role=self.kv_role)
         self.kv_cfg = kv_cache_config(self.num_blocks, self.layout if self.layout != "FA" else "LBHNC")
         init_none_hash(sha256)
         self.hasher = get_request_block_hasher(BLOCK, sha256)
         self.scheduler = Scheduler(vllm_config=self.vllm_config, kv_cache_config=self.kv_cfg, log_stats=True,
                                    structured_output_manager=StructuredOutputManager(self.vllm_config),
                                    block_size=BLOCK)
-        self.workers = [Worker(self.vllm_config, self.kv_cfg, self.layout, self.fault_hook) for _ in range(self.tp)]
+        self.workers = [Worker(self.vllm_config, self.kv_cfg, self.layout, self.fault_hook, rank) for rank in range(self.tp)]
+        # vLLM's engine core hands the workers' handshake metadata to the scheduler side once the
+        # KV caches are registered (disaggregated roles: their pool descriptions).
+        handshake = {rank: w.connector.get_handshake_metadata() for rank, w in enumerate(self.workers)
+                     if hasattr(w.connector, "get_handshake_metadata")}
+        if any(m is not None for m in handshake.values()):
+            self.scheduler.connector.set_xfer_handshake_metadata({r: m for r, m in handshake.items() if m is not None})
         self.aggregator = KVOutputAggregator(self.tp)
         self.requests: dict[str, Request] = {}
         self.live: set[str] = set()
@@ -307,9 +323,11 @@ class Engine:
     def connector(self) -> KvschedConnector:
         return self.scheduler.connector
 
-    def add(self, rid: str, prompt: list[int], max_tokens: int = 4) -> Request:
-        req = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0), None,
-                      block_hasher=self.hasher)
+    def add(self, rid: str, prompt: list[int], max_tokens: int = 4, kv_transfer_params: dict[str, Any] | None = None) -> Request:
+        """Queue a request; ``kv_transfer_params`` as a client (or a P/D proxy) passes them."""
+        extra = None if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params}
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, extra_args=extra)
+        req = Request(rid, prompt, sp, None, block_hasher=self.hasher)
         self.scheduler.add_request(req)
         self.requests[rid] = req
         self.outputs[rid] = []
@@ -329,6 +347,8 @@ class Engine:
         for eng_out in eco.values():
             for o in eng_out.outputs:
                 self.outputs[o.request_id].extend(o.new_token_ids)
+                if o.kv_transfer_params is not None:
+                    self.transfer_params[o.request_id] = o.kv_transfer_params
             if eng_out.scheduler_stats is not None:
                 st = eng_out.scheduler_stats
                 if st.connector_prefix_cache_stats is not None:
@@ -371,6 +391,8 @@ class Engine:
             worker = getattr(w.connector, "worker", None)
             if isinstance(worker, H_OffloadWorker):
                 worker.engine.wait_idle(10)
+                if worker.peer_role == "consumer":  # its reads (a producer's waits end with a peer's read)
+                    worker.remote_engine.wait_idle(10)
             elif hasattr(w.connector, "drain"):
                 w.connector.drain()
 
@@ -385,6 +407,8 @@ class Engine:
         assert self.connector.leader.pending_ops() == 0
         for w in self.workers:
             assert w.connector.worker.engine.pending == 0
+            remote = w.connector.worker.remote_engine
+            assert remote is None or remote.pending == 0
 
     def close(self) -> None:
         for w in self.workers:
