@@ -14,7 +14,7 @@ import pytest
 
 import kvsched
 from kvsched import TransferKind
-from kvsched.errors import InvalidArgumentError, ProtocolError, SchedulerForkedError
+from kvsched.errors import InvalidArgumentError, KvschedError, ProtocolError, SchedulerForkedError
 from kvsched.transfer import NixlOptions, TransferEngineClosedError
 from kvsched.transfer.nixl import NOTIFY_PREFIX
 
@@ -337,3 +337,37 @@ def test_with_nixls_progress_thread():
         assert a.close(timeout=20) and b.close(timeout=20)
         sa.close()
         sb.close()
+
+
+def test_cancel_remote_fails_the_peers_expectation_at_once(pair):
+    # A's transfer will not happen (cancelled before it was posted): A says so, and B's
+    # expectation fails now with A's reason instead of after B's remote_timeout.
+    u = str(uuid.uuid4())
+    job_b = pair["b"].expect_remote(_handle(pair["sb"], u, TransferKind.LOAD), peer=pair["a"].agent_name)
+    pair["a"].cancel_remote(pair["remote"], uuid.UUID(u), "request aborted")
+    assert job_b.wait(1.5), "failed by the notification, not by the 2 s remote_timeout"
+    assert not job_b.ok and "request aborted" in job_b.error
+    assert pair["a"].stats()["nixl"]["cancels_sent"] == 1
+    # A second word for the same uuid is ignored on B: nothing counted twice
+    pair["a"].cancel_remote(pair["b"].agent_name, u, "again")
+    assert pair["b"].stats()["failed"] == 1
+
+
+@pytest.mark.parametrize("peer, u, reason, exc", [
+    (None, uuid.uuid4(), "x", TypeError),
+    (3, uuid.uuid4(), "x", TypeError),
+    ("peer", "not a uuid", "x", InvalidArgumentError),
+    ("peer", uuid.uuid4(), b"bytes", TypeError),
+])
+def test_cancel_remote_checks_its_arguments(pair, peer, u, reason, exc):
+    with pytest.raises(exc):
+        pair["a"].cancel_remote(peer, u, reason)
+
+
+def test_cancel_remote_needs_the_nixl_backend():
+    eng = kvsched.TransferEngine(kvsched.Scheduler(), backend="host")
+    try:
+        with pytest.raises(KvschedError, match="backend='nixl'"):
+            eng.cancel_remote("peer", uuid.uuid4())
+    finally:
+        eng.close()

@@ -196,14 +196,21 @@ def test_malformed_params_are_computed_locally(engines, tamper):
     c.assert_empty()
 
 
-def test_a_read_the_producer_refuses_is_recomputed(engines):
+def test_a_read_the_producer_refuses_is_recomputed_and_the_producer_told(engines):
     # Well formed, but the block ids are outside the producer's pool: the read is refused
-    # before any byte moves, its blocks are reported failed, and vLLM recomputes them.
-    p, c = engines("kv_producer", remote_timeout=0.5), engines("kv_consumer")
+    # before any byte moves, its blocks are reported failed, and vLLM recomputes them. The
+    # consumer tells the producer the read will not happen: it frees the blocks at once, not
+    # after its remote_timeout (60 s here, far beyond the test's 20 s bound).
+    p, c = engines("kv_producer", remote_timeout=60), engines("kv_consumer")
     prompt = H.prompt(7, 40)
     params = prefill(p, "r", prompt)
     params[REMOTE_PARAMS_KEY]["block_ids"] = [10**6 + i for i in range(3)]
-    decode(c, None, "r", prompt, params, 3)
+    t0 = time.monotonic()
+    decode(c, p, "r", prompt, params, 3)
+    assert time.monotonic() - t0 < 20
     assert c.outputs["r"] == H.expected_output(prompt, 3)
     c.assert_empty()
+    p.assert_empty()
     assert c.connector.leader.stats["recvs_failed"] == 1
+    assert p.connector.leader.stats["sends_failed"] == 1
+    assert c.workers[0].connector.worker.remote_engine.stats()["nixl"]["cancels_sent"] == 1

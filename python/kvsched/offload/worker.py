@@ -43,6 +43,7 @@ marking the ones in between, and ``end_step`` marks the whole iteration (S2).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -715,6 +716,15 @@ class OffloadWorker:
             op.settled[part] = True
             h.mark_complete(error=exc)
 
+    def _cancel_peer_read(self, op: _Op) -> None:
+        """A read from the producer that never started (cancelled, refused before it was posted):
+        tell the producer, which then frees the request's blocks now, not after its
+        ``remote_timeout``. A read that was posted tells it by itself (ok, or failed)."""
+        try:
+            self.remote_engine.cancel_remote(op.remote, _uuid_of(op.op_id), f"request {op.req_id!r}: read not made")
+        except Exception as exc:  # noqa: BLE001 - best effort: the producer's wait times out instead
+            log.debug("kvsched offload: could not tell the producer of %r: %s", op.req_id, exc)
+
     def _settle_layerwise(self, op: _Op, timeout: float = 60.0) -> None:
         for k in range(op.parts):
             if op.jobs[k] is None and not op.cancelled:
@@ -788,6 +798,8 @@ class OffloadWorker:
         load = op.kind == _LOAD_OP
         if load and not op.layerwise:
             results.finished_recving.add(op.req_id)
+        if not ok and op.jobs[0] is None and op.remote is not None and not isinstance(op.remote, BaseException):
+            self._cancel_peer_read(op)
         count = len(op.specs) or 1
         k_ok, k_failed, k_blocks, k_bytes, k_s = _LOAD_KEYS if load else _STORE_KEYS
         if not ok:
@@ -828,6 +840,11 @@ def _part_id(op_id: int, part: int) -> bytes:
     """The kvsched uuid of part ``part`` of operation ``op_id`` (``plan.layer_uuid``), as the 16
     bytes the core takes (cheaper to make than a ``uuid.UUID``)."""
     return (op_id | part).to_bytes(16, "big")
+
+
+def _uuid_of(op_id: int) -> uuid.UUID:
+    """Operation ``op_id``'s (whole-operation) uuid as a ``uuid.UUID``."""
+    return uuid.UUID(int=op_id)
 
 
 def _pairs(src: list[int], dst: list[int]) -> Any:

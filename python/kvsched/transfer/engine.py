@@ -456,6 +456,20 @@ class TransferEngine:
             raise
         return job
 
+    def cancel_remote(self, peer: str | RemotePool, uuid: Any, reason: str = "cancelled") -> None:
+        """Tell ``peer`` (an agent name, or a pool of it) that its operation ``uuid`` will not
+        happen here: a transfer this side was to make was cancelled or refused before it was
+        posted, so the peer's :meth:`expect_remote` for it fails at once instead of after its
+        timeout (and the peer frees the blocks it kept). Best effort: a peer that is gone hears
+        nothing, and its expectation times out as before."""
+        if isinstance(peer, RemotePool):
+            peer = peer.peer
+        if not isinstance(peer, str):
+            raise TypeError(f"peer must be a str or a RemotePool, not {type(peer).__name__}")
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+        self._nixl_backend("cancel_remote").cancel_remote(peer, uuid, reason)
+
     # ------------------------------------------------------------------------------ state
 
     @property

@@ -164,7 +164,7 @@ class NixlBackend:
         self._pool_notes: dict[str, list[bytes]] = {}  # pool descriptions received by notification
         self._closing = False
         self._stats = {"posted": 0, "notified": 0, "early": 0, "late": 0, "foreign": 0,
-                       "timed_out": 0, "peer_errors": 0, "expect_timed_out": 0}
+                       "timed_out": 0, "peer_errors": 0, "expect_timed_out": 0, "cancels_sent": 0}
         self._thread = threading.Thread(target=self._run, name="kvsched-nixl", daemon=True)
         self._thread.start()
 
@@ -438,6 +438,17 @@ class NixlBackend:
         if ready is not None:
             job._finish(_remote_error(ready))
             self._ended(job)
+
+    def cancel_remote(self, peer: str, uuid: Any, reason: str) -> None:
+        """Send ``peer`` the failure notification of operation ``uuid`` (it will not happen)."""
+        try:
+            tag = _uuid_text(uuid)
+        except (TypeError, ValueError, AttributeError):
+            raise InvalidArgumentError(f"uuid must be a UUID (or its text), got {uuid!r}") from None
+        with self._lock:
+            self._check_open()
+            self._notify_failure(peer, tag, reason)
+            self._stats["cancels_sent"] += 1
 
     # ------------------------------------------------------------------------------ completion thread
 
