@@ -27,6 +27,7 @@ if os.environ.get("KVSCHED_REQUIRE_NIXL") == "1":  # CI's environment with NIXL:
 pytest.importorskip("nixl._api", reason='NIXL is not installed: pip install "kvsched[nixl]"')
 
 from kvsched.offload.leader import REMOTE_PARAMS_KEY  # noqa: E402
+from kvsched.transfer.remote import RemotePool  # noqa: E402
 from kvsched.vllm import harness as H  # noqa: E402
 
 BLOCK_BYTES = H.spec().page_size_bytes * H.LAYERS
@@ -40,8 +41,8 @@ def extra(**kw):
 def engines():
     made = []
 
-    def make(role, tp=1, **kw):
-        e = H.Engine(extra(**kw), kv_role=role, tp=tp)
+    def make(role, tp=1, prefix_caching=False, **kw):
+        e = H.Engine(extra(**kw), kv_role=role, tp=tp, prefix_caching=prefix_caching)
         made.append(e)
         return e
 
@@ -97,6 +98,23 @@ def test_prefill_on_the_producer_decode_on_the_consumer(engines):
     c.assert_empty()
     assert p.connector.leader.stats["sends_ok"] == 1 and p.connector.leader.stats["sends_failed"] == 0
     assert c.connector.leader.stats["recvs_ok"] == 1
+
+
+def test_a_prefix_cached_on_the_consumer_is_not_read_again(engines):
+    # vLLM's own prefix cache on the consumer holds the first two blocks: only the rest is read
+    # from the producer (its blocks 2..), into the request's blocks after the cached ones.
+    p, c = engines("kv_producer"), engines("kv_consumer", prefix_caching=True)
+    prompt = H.prompt(9, 70)
+    c.add("local", prompt[:40], 2)  # computed here: blocks 0 and 1 become cached
+    c.run()
+    params = prefill(p, "r", prompt)
+    computed = decode(c, p, "r", prompt, params, 3)
+    assert c.outputs["r"] == H.expected_output(prompt, 3)
+    assert computed == 1
+    (read,) = [job for job in c.workers[0].jobs if isinstance(job.plan.src, RemotePool)]
+    assert read.plan.num_blocks == 3  # blocks 2, 3, 4 of 5
+    p.assert_empty()
+    c.assert_empty()
 
 
 def test_many_requests_in_both_directions_of_the_queue(engines):

@@ -146,7 +146,8 @@ class KvschedConnector(KVConnectorBase_V1):
         if kv_role not in _PEER_ROLES:
             raise InvalidArgumentError(f"KvschedConnector: kv_role must be one of {sorted(_PEER_ROLES)}, got {kv_role!r}")
         self.peer_role = _PEER_ROLES[kv_role]
-        self._remote_reqs: dict[str, dict[str, Any]] = {}  # consumer: requests whose prompt a peer computed
+        # consumer: requests whose prompt a peer computed -> (its parameters, tokens computed here)
+        self._remote_reqs: dict[str, tuple[dict[str, Any], int]] = {}
         if role == KVConnectorRole.SCHEDULER:
             if kv_cache_config is None:
                 raise InvalidArgumentError("KvschedConnector needs vLLM's kv_cache_config (vLLM >= 0.33)")
@@ -173,7 +174,7 @@ class KvschedConnector(KVConnectorBase_V1):
             if remote is not None:  # a producer computed the prompt: read all of it, asynchronously
                 n = request.num_prompt_tokens - num_computed_tokens
                 if n > 0:
-                    self._remote_reqs[request.request_id] = remote
+                    self._remote_reqs[request.request_id] = (remote, num_computed_tokens)
                     return n, True
         n = self.leader.lookup(request.request_id, request.block_hashes, num_computed_tokens, request.num_tokens)
         if n is None:  # the next block is being stored: vLLM asks again at a later step
@@ -185,8 +186,9 @@ class KvschedConnector(KVConnectorBase_V1):
         if num_external_tokens <= 0:
             return
         self._requests[request.request_id] = request
-        if remote is not None:
-            self.leader.plan_recv(request.request_id, remote, blocks.get_block_ids()[0], request.num_computed_tokens,
+        if remote is not None:  # blocks: the local prefix-cache hits, then the new ones
+            params, local_tokens = remote
+            self.leader.plan_recv(request.request_id, params, blocks.get_block_ids()[0], local_tokens,
                                   num_external_tokens)
             request.kv_transfer_params["do_remote_prefill"] = False  # read once; a failed read recomputes
             return
