@@ -6,7 +6,12 @@ the other in one run, and the script reports for each:
 
 * tokens served from the host tier (vLLM's connector prefix-cache hits);
 * host CPU time per engine step in the connector's own methods, on the scheduler side and on
-  the worker side (thread CPU time of the calling thread, summed over the connector's hooks);
+  the worker side (thread CPU time of the calling thread, summed over the connector's hooks),
+  and of the worker side's figure the part spent submitting transfers to the transfer layer
+  (kvsched: ``TransferEngine.submit``, which checks the ids, builds the copy plan and hands it
+  to a copy thread; vLLM: ``submit_store`` / ``submit_load`` of its transfer worker, which the
+  bench replaces with a queue put: vLLM's real one builds copy descriptors and issues CUDA
+  copies, work this stand-in does not do), so the connectors' own logic compares alike;
   kvsched's connector once with the host backend's default (one store operation per step) and
   once with one operation per layer and step (the cuda backend's default, whose submission
   pattern and Python path this measures through the host backend);
@@ -188,13 +193,16 @@ def trace(n_requests: int, seed: int) -> list[list[tuple[str, list[int], int]]]:
 def run(name: str, connector: str, module: str | None, extra: dict[str, Any], waves, num_blocks: int) -> dict[str, Any]:
     e = H.Engine(extra, num_blocks=num_blocks, connector_name=connector, connector_module=module,
                  max_batched=512)
-    sched_t, worker_t = Timed(), Timed()
+    sched_t, worker_t, submit_t = Timed(), Timed(), Timed()
     sched_t.wrap(e.scheduler.connector, SCHED_HOOKS)
     for w in e.workers:
         worker_t.wrap(w.connector, WORKER_HOOKS)
         if connector != "KvschedConnector":
             handler = w.connector.connector_worker.worker
             w.connector.drain = handler.drain
+            submit_t.wrap(handler, ("submit_store", "submit_load"))  # vLLM's transfer-worker interface
+        else:
+            submit_t.wrap(w.connector.worker.engine, ("submit",))  # kvsched's TransferEngine
     t0 = time.perf_counter()
     try:
         for wave in waves:
@@ -215,6 +223,8 @@ def run(name: str, connector: str, module: str | None, extra: dict[str, Any], wa
         "prompt_tokens": sum(len(p) for wave in waves for _, p, _ in wave),
         "scheduler_cpu_us_per_step": 1e6 * sched_t.cpu / e.steps,
         "worker_cpu_us_per_step": 1e6 * worker_t.cpu / e.steps,
+        "transfer_submit_cpu_us_per_step": 1e6 * submit_t.cpu / e.steps,
+        "worker_logic_cpu_us_per_step": 1e6 * (worker_t.cpu - submit_t.cpu) / e.steps,
         "scheduler_calls": sched_t.calls,
         "worker_calls": worker_t.calls,
         "wall_s": wall,
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run(name, conn, module, extra, waves, args.gpu_blocks)
             hits[name].append(r["hit_tokens"])
             if name in best:
-                for k in ("scheduler_cpu_us_per_step", "worker_cpu_us_per_step", "wall_s"):
+                for k in ("scheduler_cpu_us_per_step", "worker_cpu_us_per_step", "transfer_submit_cpu_us_per_step",
+                          "worker_logic_cpu_us_per_step", "wall_s"):
                     r[k] = min(r[k], best[name][k])
             best[name] = r
     results = []
@@ -280,11 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vLLM {vllm.__version__}, {args.requests} requests in {len(waves)} waves, tier {args.tier_blocks} blocks "
           f"of {block_bytes} bytes, {H.LAYERS} layers, best of {args.repeat}")
     print(f"{'connector':29} {'steps':>6} {'tier hits (tokens) per run':>28} {'sched CPU us/step':>18} "
-          f"{'worker CPU us/step':>19} {'wall s':>7}")
+          f"{'worker CPU us/step':>19} {'of it: submit':>14} {'the rest':>9} {'wall s':>7}")
     for r in results:
         hits = "/".join(str(h) for h in r["hit_tokens_runs"])
         print(f"{r['connector']:29} {r['steps']:6d} {hits + ' of ' + str(r['prompt_tokens']):>28}"
-              f"{r['scheduler_cpu_us_per_step']:19.1f} {r['worker_cpu_us_per_step']:19.1f} {r['wall_s']:7.2f}")
+              f"{r['scheduler_cpu_us_per_step']:19.1f} {r['worker_cpu_us_per_step']:19.1f}"
+              f"{r['transfer_submit_cpu_us_per_step']:15.1f} {r['worker_logic_cpu_us_per_step']:9.1f} {r['wall_s']:7.2f}")
+    print("submit: the transfer layer's submission on the worker's thread (kvsched: TransferEngine.submit; vLLM: "
+          "its OffloadingWorker interface, here the bench's HostCopyWorker, a queue put in place of vLLM's CUDA "
+          "transfer handler); the rest: the connector's own logic")
     if args.json:
         args.json.write_text(json.dumps({"vllm": vllm.__version__, "args": {k: str(v) for k, v in vars(args).items()},
                                          "results": results}, indent=2))
