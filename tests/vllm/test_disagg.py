@@ -11,6 +11,7 @@ fails the test. Needs vLLM and NIXL; skipped without them (CI runs them with bot
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -85,6 +86,7 @@ def test_prefill_on_the_producer_decode_on_the_consumer(engines):
     p, c = engines("kv_producer"), engines("kv_consumer")
     prompt = H.prompt(3, 70)  # 4 full blocks and 6 tokens
     params = prefill(p, "r", prompt)
+    assert json.loads(json.dumps(params)) == params  # plain JSON: a P/D proxy ships it as is
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
     remote = params[REMOTE_PARAMS_KEY]
     assert len(remote["block_ids"]) == 5 and len(remote["pools"]) == 1
@@ -232,3 +234,23 @@ def test_a_read_the_producer_refuses_is_recomputed_and_the_producer_told(engines
     assert c.connector.leader.stats["recvs_failed"] == 1
     assert p.connector.leader.stats["sends_failed"] == 1
     assert c.workers[0].connector.worker.remote_engine.stats()["nixl"]["cancels_sent"] == 1
+
+
+def test_a_producer_gone_before_the_read_is_recomputed(engines):
+    # The prefill instance shut down (its NIXL agents closed) after it answered: the consumer's
+    # read never completes, is cancelled after the nixl engine's transfer_timeout and reported
+    # failed, and vLLM recomputes its blocks. (A producer *process* that dies is reported by
+    # NIXL as a disconnect within about 0.1 s: tests/remote. Closed agents in one process are
+    # not, so the timeout, shortened here from its 60 s default, is what ends the read.)
+    p, c = engines("kv_producer"), engines("kv_consumer")
+    c.workers[0].connector.worker.remote_engine._nixl.transfer_timeout = 2.0
+    prompt = H.prompt(11, 40)
+    params = json.loads(json.dumps(prefill(p, "r", prompt)))  # as a P/D proxy ships them
+    p.close()
+    t0 = time.monotonic()
+    computed = decode(c, None, "r", prompt, params, 3)
+    assert time.monotonic() - t0 < 30
+    assert c.outputs["r"] == H.expected_output(prompt, 3)
+    assert computed == len(prompt)
+    assert c.connector.leader.stats["recvs_failed"] == 1
+    c.assert_empty()
