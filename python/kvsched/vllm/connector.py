@@ -227,8 +227,8 @@ class KvschedConnector(KVConnectorBase_V1):
             # read's notification arrives, or after remote_timeout).
             remote = self.leader.plan_send(rid, block_ids)
             if remote is None:
-                log.warning("kvsched: request %r finished before the workers described their KV pools; "
-                            "the consumer will compute its prompt itself", rid)
+                log.warning("kvsched: request %r: the workers' KV pool descriptions have not reached the "
+                            "scheduler side (vLLM's handshake metadata); the consumer will compute its prompt", rid)
         delay = self.leader.finished(rid, aborted=aborted)
         if remote is None:
             return delay, None
