@@ -131,3 +131,16 @@ def test_a_worker_refuses_a_plan_for_the_other_role():
             w.begin_step(StepPlan(recvs=[RecvSpec(1 << 16, "r", [1], [1], [b""])]))
     finally:
         w.close()
+
+
+def test_a_request_ended_before_its_read_tells_the_producer_once():
+    params = producer().plan_send("r", [20, 21])
+    lead = OffloadLeader(8, BS)
+    spec = lead.cancel_recv("r", params)
+    assert spec.cancel and spec.gpu_blocks == [] and spec.pools == [b"pool-of-rank-0"]
+    assert f"{spec.op_id:032x}" == params["op_id"]
+    assert lead.take_plan().recvs == [spec]
+    assert lead.cancel_recv("r", params) is None  # told once
+    assert not lead.plan_recv("r", params, [1, 2], 0, 20).pools  # and never read afterwards
+    assert lead.cancel_recv("x", {"v": 1}) is None  # malformed: nothing to tell
+    assert lead.stats["recvs_cancelled"] == 1 and lead.pending_ops() == 1  # the refused read's

@@ -254,3 +254,25 @@ def test_a_producer_gone_before_the_read_is_recomputed(engines):
     assert computed == len(prompt)
     assert c.connector.leader.stats["recvs_failed"] == 1
     c.assert_empty()
+
+
+def test_a_request_aborted_before_its_read_was_planned_frees_the_producers_blocks(engines):
+    # Aborted on the consumer while it waited to be scheduled (no blocks allocated, no read
+    # planned): the consumer's workers tell the producer, which frees the blocks at once,
+    # not after its remote_timeout (60 s here, far beyond the test's 20 s bound).
+    p, c = engines("kv_producer", remote_timeout=60), engines("kv_consumer")
+    prompt = H.prompt(12, 40)
+    params = prefill(p, "r", prompt)
+    c.add("r", prompt, 3, kv_transfer_params=params)
+    c.abort("r")
+    t0 = time.monotonic()
+    while (c.busy() or p.busy()) and time.monotonic() - t0 < 20:
+        if c.busy():
+            c.step()
+        if p.busy():
+            p.step()
+        time.sleep(0.01)
+    c.assert_empty()
+    p.assert_empty()
+    assert c.connector.leader.stats["recvs_cancelled"] == 1
+    assert p.connector.leader.stats["sends_failed"] == 1

@@ -89,7 +89,7 @@ class OffloadLeader:
             "loads_planned": 0, "stores_planned": 0, "blocks_load_planned": 0, "blocks_store_planned": 0,
             "loads_ok": 0, "loads_failed": 0, "stores_ok": 0, "stores_failed": 0, "stores_skipped_full": 0,
             "sends_planned": 0, "sends_ok": 0, "sends_failed": 0, "sends_unavailable": 0,
-            "recvs_planned": 0, "recvs_ok": 0, "recvs_failed": 0, "recvs_refused": 0,
+            "recvs_planned": 0, "recvs_ok": 0, "recvs_failed": 0, "recvs_refused": 0, "recvs_cancelled": 0,
         }
         # Disaggregated serving, producer: each worker's GPU pool description (rank -> bytes,
         # OffloadWorker.pool_description), handed to consumers with each finished request.
@@ -280,6 +280,24 @@ class OffloadLeader:
         spec = RecvSpec(op_id, req_id, gpu, remote_ids[start:end] if remote_ids else [0] * len(gpu), pools)
         self._plan.recvs.append(spec)
         self.stats["recvs_planned"] += 1
+        return spec
+
+    def cancel_recv(self, req_id: str, params: Any) -> RecvSpec | None:
+        """Consumer side: the request ended before its read was planned (aborted while it
+        waited): the workers tell the producer, which frees the blocks it kept now rather than
+        after its ``remote_timeout``. Parameters that fail the checks are ignored (None)."""
+        try:
+            _, op_id, pools = check_remote_params(params, self.world_size)
+        except InvalidArgumentError:
+            return None
+        if op_id in self._ops or op_id in self._recv_seen:
+            return None  # planned already: the worker's read (or its cancellation) tells the producer
+        self._recv_seen[op_id] = None
+        if len(self._recv_seen) > _RECV_SEEN:
+            self._recv_seen.popitem(last=False)
+        spec = RecvSpec(op_id, req_id, [], [], pools, cancel=True)
+        self._plan.recvs.append(spec)
+        self.stats["recvs_cancelled"] += 1
         return spec
 
     # ------------------------------------------------------------------------------ lifecycle

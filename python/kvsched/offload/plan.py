@@ -73,13 +73,17 @@ class RecvSpec:
     into this instance's GPU blocks ``gpu_blocks[i]`` (every layer), with operation ``op_id``
     (the same uuid as the producer's :class:`SendSpec`, so its notification ends the producer's
     operation). ``pools``: the producer's exported pool per rank (``TransferEngine.export_pool``
-    bytes, agent metadata included); worker rank r reads from ``pools[r]``."""
+    bytes, agent metadata included); worker rank r reads from ``pools[r]``.
+
+    ``cancel``: the request ended (aborted) before its read was planned: read nothing, tell the
+    producer the read will not happen so it frees the blocks it kept."""
 
     op_id: int
     req_id: str
     gpu_blocks: list[int]
     remote_blocks: list[int]
     pools: list[bytes]
+    cancel: bool = False
 
 
 @dataclass

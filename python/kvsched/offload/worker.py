@@ -281,7 +281,10 @@ class OffloadWorker:
             if plan.loads:
                 self._step_loads = list(plan.loads)
             if plan.recvs:
-                self._step_recvs = list(plan.recvs)
+                self._step_recvs = [rs for rs in plan.recvs if not rs.cancel]
+                for rs in plan.recvs:
+                    if rs.cancel:
+                        self._tell_producer(rs.pools, rs.op_id, f"request {rs.req_id!r} ended before its read")
             if plan.sends:
                 self._join_sends(plan.sends)
             for rid in plan.release:
@@ -724,6 +727,14 @@ class OffloadWorker:
             self.remote_engine.cancel_remote(op.remote, _uuid_of(op.op_id), f"request {op.req_id!r}: read not made")
         except Exception as exc:  # noqa: BLE001 - best effort: the producer's wait times out instead
             log.debug("kvsched offload: could not tell the producer of %r: %s", op.req_id, exc)
+
+    def _tell_producer(self, pools: list[bytes], op_id: int, reason: str) -> None:
+        """Tell this rank's producer (from its pool description) that operation ``op_id`` will
+        not be read. Best effort, as :meth:`_cancel_peer_read`."""
+        try:
+            self.remote_engine.cancel_remote(self._peer_pool(pools[self.rank]), _uuid_of(op_id), reason)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("kvsched offload: could not tell the producer: %s", exc)
 
     def _settle_layerwise(self, op: _Op, timeout: float = 60.0) -> None:
         for k in range(op.parts):
