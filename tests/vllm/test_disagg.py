@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 
 import pytest
@@ -29,6 +30,7 @@ pytest.importorskip("nixl._api", reason='NIXL is not installed: pip install "kvs
 
 from kvsched.offload.leader import REMOTE_PARAMS_KEY  # noqa: E402
 from kvsched.transfer.remote import RemotePool  # noqa: E402
+from kvsched.vllm.connector import KvschedHandshakeMetadata  # noqa: E402
 from kvsched.vllm import harness as H  # noqa: E402
 
 BLOCK_BYTES = H.spec().page_size_bytes * H.LAYERS
@@ -100,6 +102,16 @@ def test_prefill_on_the_producer_decode_on_the_consumer(engines):
     c.assert_empty()
     assert p.connector.leader.stats["sends_ok"] == 1 and p.connector.leader.stats["sends_failed"] == 0
     assert c.connector.leader.stats["recvs_ok"] == 1
+
+
+def test_handshake_metadata_crosses_process_boundaries(engines):
+    # vLLM's workers send get_handshake_metadata() to the engine core from other processes.
+    p = engines("kv_producer")
+    meta = p.workers[0].connector.get_handshake_metadata()
+    again = pickle.loads(pickle.dumps(meta))
+    assert isinstance(again, KvschedHandshakeMetadata) and again.pool == meta.pool
+    assert p.connector.leader.exports == {0: meta.pool}
+    assert engines("kv_both").workers[0].connector.get_handshake_metadata() is None  # the tier alone has none
 
 
 def test_a_prefix_cached_on_the_consumer_is_not_read_again(engines):

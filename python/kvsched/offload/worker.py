@@ -47,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
