@@ -4,6 +4,7 @@ No NIXL needed; tests/vllm/test_disagg.py runs the whole path over NIXL."""
 
 import base64
 
+import numpy as np
 import pytest
 
 from kvsched.errors import InvalidArgumentError
@@ -64,6 +65,10 @@ def test_a_consumer_plans_the_read_of_the_tokens_it_lacks():
     (lambda p: p.update(op_id=12345), "op_id"),
     (lambda p: p.update(block_ids=[1, "2"]), "block_ids"),
     (lambda p: p.update(block_ids=[1, True]), "block_ids"),
+    (lambda p: p.update(block_ids=[1, np.int64(2)]), "block_ids"),  # not what JSON carries
+    (lambda p: p.update(block_ids=[1, float("nan")]), "block_ids"),
+    (lambda p: p.update(op_id="f" * 32), "op_id"),
+    (lambda p: p.update(op_id=float("inf")), "op_id"),
     (lambda p: p.update(block_ids=[2**40]), "block_ids"),
     (lambda p: p.update(block_ids=None), "block_ids"),
     (lambda p: p.update(pools=["a", "b"]), "tensor parallel"),

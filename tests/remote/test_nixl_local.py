@@ -364,6 +364,13 @@ def test_cancel_remote_checks_its_arguments(pair, peer, u, reason, exc):
         pair["a"].cancel_remote(peer, u, reason)
 
 
+def test_cancel_remote_after_close_is_refused():
+    eng = kvsched.TransferEngine(kvsched.Scheduler(), backend="nixl", agent_name=f"lc-{uuid.uuid4().hex[:6]}")
+    assert eng.close(timeout=10)
+    with pytest.raises(TransferEngineClosedError):
+        eng.cancel_remote("peer", uuid.uuid4())
+
+
 def test_cancel_remote_needs_the_nixl_backend():
     eng = kvsched.TransferEngine(kvsched.Scheduler(), backend="host")
     try:

@@ -63,25 +63,28 @@ def prefill(p: H.Engine, rid: str, prompt: list[int]) -> dict:
     return p.transfer_params[rid]
 
 
-def decode(c: H.Engine, p: H.Engine | None, rid: str, prompt: list[int], params: dict, n: int) -> int:
-    """Run ``rid`` on the consumer (and the producer beside it, which must release the blocks
-    once they were read) until both are idle; returns the prompt tokens the consumer computed."""
-    c.add(rid, prompt, n, kv_transfer_params=params)
+def run_both(c: H.Engine, p: H.Engine | None, rid: str | None = None, seconds: float = 20.0) -> int:
+    """Step the consumer and the producer beside it (which must release the blocks once they
+    were read) until both are idle; fails after ``seconds``. Returns the tokens the consumer
+    scheduled for ``rid``."""
     scheduled = 0
-    for _ in range(400):
-        busy_c = c.busy()
-        busy_p = p is not None and p.busy()
-        if not busy_c and not busy_p:
-            break
-        if busy_c:
+    deadline = time.monotonic() + seconds
+    while c.busy() or (p is not None and p.busy()):
+        assert time.monotonic() < deadline, f"not idle after {seconds} s"
+        if c.busy():
             scheduled += c.step().num_scheduled_tokens.get(rid, 0)
             c.drain_wait()
-        if busy_p:
+        if p is not None and p.busy():
             p.step()
         time.sleep(0.002)  # NIXL notifications travel on the agents' threads
-    else:
-        raise AssertionError("not idle after 400 steps")
-    return scheduled - (n - 1)  # every output token but the first is a decode step of one token
+    return scheduled
+
+
+def decode(c: H.Engine, p: H.Engine | None, rid: str, prompt: list[int], params: dict, n: int) -> int:
+    """Run ``rid`` on the consumer beside the producer until both are idle; returns the prompt
+    tokens the consumer computed."""
+    c.add(rid, prompt, n, kv_transfer_params=params)
+    return run_both(c, p, rid) - (n - 1)  # every output token but the first is a decode step of one token
 
 
 def test_prefill_on_the_producer_decode_on_the_consumer(engines):
@@ -142,15 +145,7 @@ def test_many_requests_in_both_directions_of_the_queue(engines):
     params = dict(p.transfer_params)
     for rid, pr in prompts.items():
         c.add(rid, pr, 3, kv_transfer_params=params[rid])
-    for _ in range(400):
-        if not c.busy() and not p.busy():
-            break
-        if c.busy():
-            c.step()
-            c.drain_wait()
-        if p.busy():
-            p.step()
-        time.sleep(0.002)
+    run_both(c, p)
     for rid, pr in prompts.items():
         assert c.outputs[rid] == H.expected_output(pr, 3), rid
     p.assert_empty()
@@ -184,14 +179,7 @@ def test_abort_on_the_consumer_while_waiting_for_the_read(engines):
     c.add("r", prompt, 3, kv_transfer_params=params)
     c.step()  # scheduled: waiting for the read
     c.abort("r")
-    deadline = time.monotonic() + 20
-    while (c.busy() or p.busy()) and time.monotonic() < deadline:
-        if c.busy():
-            c.step()
-            c.drain_wait()
-        if p.busy():
-            p.step()
-        time.sleep(0.01)
+    run_both(c, p)
     c.assert_empty()
     p.assert_empty()
 
@@ -277,13 +265,7 @@ def test_a_request_aborted_before_its_read_was_planned_frees_the_producers_block
     params = prefill(p, "r", prompt)
     c.add("r", prompt, 3, kv_transfer_params=params)
     c.abort("r")
-    t0 = time.monotonic()
-    while (c.busy() or p.busy()) and time.monotonic() - t0 < 20:
-        if c.busy():
-            c.step()
-        if p.busy():
-            p.step()
-        time.sleep(0.01)
+    run_both(c, p, seconds=20)
     c.assert_empty()
     p.assert_empty()
     assert c.connector.leader.stats["recvs_cancelled"] == 1

@@ -263,11 +263,8 @@ class OffloadLeader:
                     f"tokens {num_computed_tokens}..{num_computed_tokens + num_external_tokens} do not fit the "
                     f"producer's {len(remote_ids)} blocks and {len(gpu_block_ids)} local blocks"
                 )
-            if op_id in self._ops or op_id in self._recv_seen:
+            if not self._first_use(op_id):
                 raise InvalidArgumentError(f"operation {op_id:032x} was already read here (parameters replayed?)")
-            self._recv_seen[op_id] = None
-            if len(self._recv_seen) > _RECV_SEEN:
-                self._recv_seen.popitem(last=False)
         except InvalidArgumentError as exc:
             log.warning("kvsched: request %r: read from the producer refused, recomputing: %s", req_id, exc)
             self.stats["recvs_refused"] += 1
@@ -290,15 +287,22 @@ class OffloadLeader:
             _, op_id, pools = check_remote_params(params, self.world_size)
         except InvalidArgumentError:
             return None
-        if op_id in self._ops or op_id in self._recv_seen:
+        if not self._first_use(op_id):
             return None  # planned already: the worker's read (or its cancellation) tells the producer
-        self._recv_seen[op_id] = None
-        if len(self._recv_seen) > _RECV_SEEN:
-            self._recv_seen.popitem(last=False)
         spec = RecvSpec(op_id, req_id, [], [], pools, cancel=True)
         self._plan.recvs.append(spec)
         self.stats["recvs_cancelled"] += 1
         return spec
+
+    def _first_use(self, op_id: int) -> bool:
+        """Consumer: True the first time ``op_id`` (a producer's operation) is read or cancelled
+        here, remembering it (the last ``_RECV_SEEN`` ids)."""
+        if op_id in self._ops or op_id in self._recv_seen:
+            return False
+        self._recv_seen[op_id] = None
+        if len(self._recv_seen) > _RECV_SEEN:
+            self._recv_seen.popitem(last=False)
+        return True
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -284,7 +284,7 @@ class OffloadWorker:
                 self._step_recvs = [rs for rs in plan.recvs if not rs.cancel]
                 for rs in plan.recvs:
                     if rs.cancel:
-                        self._tell_producer(rs.pools, rs.op_id, f"request {rs.req_id!r} ended before its read")
+                        self._tell_producer(rs.pools[self.rank], rs.op_id, f"request {rs.req_id!r} ended before its read")
             if plan.sends:
                 self._join_sends(plan.sends)
             for rid in plan.release:
@@ -404,21 +404,12 @@ class OffloadWorker:
         events = [wait_event] if wait_event is not None else None
         if self._step_recvs:
             recvs, self._step_recvs = self._step_recvs, []
-            for rs in recvs:  # reads from the producer: like async loads, with a remote source
-                slot = self._slot(rs.req_id)
-                op = _Op(rs.op_id, _LOAD_OP, rs.req_id, slot, rs.gpu_blocks, rs.remote_blocks, [None], False, None)
+            for rs in recvs:  # reads from the producer: async loads with a remote source
                 try:
-                    op.remote = self._peer_pool(rs.pools[self.rank])
+                    remote: Any = self._peer_pool(rs.pools[self.rank])
                 except Exception as exc:  # noqa: BLE001 - a bad description: the read fails, the engine recomputes
-                    op.remote = exc
-                u = _part_id(rs.op_id, 0)
-                w.enqueue(slot, u, TransferKind.LOAD)
-                self._slot_ops[slot].append(op)
-                op.handles[0] = t.schedule(slot, u)
-                ops[u] = (op, 0)
-                waiting[u] = None
-                self.stats["loads"] += 1
-                self.stats_changed = True
+                    remote = exc
+                self._join_load(rs.req_id, rs.op_id, rs.gpu_blocks, rs.remote_blocks, None, remote)
         layerwise = [spec for spec in loads if spec.layerwise]
         if layerwise:  # one operation per layer (or one per step) for all of them, in the step's load slot
             slot = f"\x02load{self._step}"
@@ -442,19 +433,26 @@ class OffloadWorker:
             self.stats["loads"] += len(layerwise)
             self.stats_changed = True
         for spec in loads:
-            if spec.layerwise:
-                continue
-            slot = self._slot(spec.req_id)
-            op = _Op(spec.op_id, 0, spec.req_id, slot, spec.gpu_blocks, spec.host_blocks, [None], False, events)
-            u = _part_id(spec.op_id, 0)
-            w.enqueue(slot, u, TransferKind.LOAD)
-            self._slot_ops[slot].append(op)
-            op.handles[0] = t.schedule(slot, u)
-            ops[u] = (op, 0)
-            waiting[u] = None
-            self.stats["loads"] += 1
-            self.stats_changed = True
+            if not spec.layerwise:
+                self._join_load(spec.req_id, spec.op_id, spec.gpu_blocks, spec.host_blocks, events)
         self._dispatch()
+
+    def _join_load(self, rid: str, op_id: int, gpu: list[int], src: list[int], events: list[Any] | None,
+                   remote: Any = None) -> None:
+        """One asynchronous load in the request's slot, every layer, no requirement: from host
+        slots ``src``, or with ``remote`` (a producer's RemotePool, or the error importing it)
+        from that pool's blocks ``src``. Dispatched when decided (a token is free)."""
+        slot = self._slot(rid)
+        op = _Op(op_id, _LOAD_OP, rid, slot, gpu, src, [None], False, events)
+        op.remote = remote
+        u = _part_id(op_id, 0)
+        self._w.enqueue(slot, u, TransferKind.LOAD)
+        self._slot_ops[slot].append(op)
+        op.handles[0] = self._t.schedule(slot, u)
+        self._ops[u] = (op, 0)
+        self._waiting[u] = None
+        self.stats["loads"] += 1
+        self.stats_changed = True
 
     def wait_layer_load(self, layer: int, stream: Any = None, timeout: float = 60.0) -> None:
         """Layerwise mode: layer ``layer`` of this step's loads has landed before the layer
@@ -719,20 +717,14 @@ class OffloadWorker:
             op.settled[part] = True
             h.mark_complete(error=exc)
 
-    def _cancel_peer_read(self, op: _Op) -> None:
-        """A read from the producer that never started (cancelled, refused before it was posted):
-        tell the producer, which then frees the request's blocks now, not after its
-        ``remote_timeout``. A read that was posted tells it by itself (ok, or failed)."""
+    def _tell_producer(self, pool: Any, op_id: int, reason: str) -> None:
+        """Tell the producer of ``pool`` (its RemotePool, or its description) that operation
+        ``op_id`` will not be read, so it frees the blocks it keeps for it. Best effort: a
+        producer that cannot be told frees them after its ``remote_timeout``."""
         try:
-            self.remote_engine.cancel_remote(op.remote, _uuid_of(op.op_id), f"request {op.req_id!r}: read not made")
-        except Exception as exc:  # noqa: BLE001 - best effort: the producer's wait times out instead
-            log.debug("kvsched offload: could not tell the producer of %r: %s", op.req_id, exc)
-
-    def _tell_producer(self, pools: list[bytes], op_id: int, reason: str) -> None:
-        """Tell this rank's producer (from its pool description) that operation ``op_id`` will
-        not be read. Best effort, as :meth:`_cancel_peer_read`."""
-        try:
-            self.remote_engine.cancel_remote(self._peer_pool(pools[self.rank]), _uuid_of(op_id), reason)
+            if isinstance(pool, bytes):
+                pool = self._peer_pool(pool)
+            self.remote_engine.cancel_remote(pool, _uuid_of(op_id), reason)
         except Exception as exc:  # noqa: BLE001
             log.debug("kvsched offload: could not tell the producer: %s", exc)
 
@@ -810,7 +802,9 @@ class OffloadWorker:
         if load and not op.layerwise:
             results.finished_recving.add(op.req_id)
         if not ok and op.jobs[0] is None and op.remote is not None and not isinstance(op.remote, BaseException):
-            self._cancel_peer_read(op)
+            # Never posted (cancelled, refused): the producer frees the blocks now, not after
+            # its remote_timeout. A posted read tells it by itself (ok, or failed).
+            self._tell_producer(op.remote, op.op_id, f"request {op.req_id!r}: read not made")
         count = len(op.specs) or 1
         k_ok, k_failed, k_blocks, k_bytes, k_s = _LOAD_KEYS if load else _STORE_KEYS
         if not ok:

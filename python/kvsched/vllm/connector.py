@@ -221,8 +221,8 @@ class KvschedConnector(KVConnectorBase_V1):
         aborted = request.status == RequestStatus.FINISHED_ABORTED
         params = request.kv_transfer_params
         if self.peer_role == "consumer" and isinstance(params, dict) and params.get("do_remote_prefill"):
-            # Ended before its read was planned (aborted while waiting): the producer is told, and
-            # frees the blocks it keeps for this request now rather than after remote_timeout.
+            # Ended without a read planned (aborted while it waited, or computed here): the producer
+            # is told, and frees the blocks it keeps for this request now, not after remote_timeout.
             params["do_remote_prefill"] = False
             self.leader.cancel_recv(rid, params.get(REMOTE_PARAMS_KEY))
         remote = None

@@ -310,10 +310,10 @@ class Engine:
         self.workers = [Worker(self.vllm_config, self.kv_cfg, self.layout, self.fault_hook, rank) for rank in range(self.tp)]
         # vLLM's engine core hands the workers' handshake metadata to the scheduler side once the
         # KV caches are registered (disaggregated roles: their pool descriptions).
-        handshake = {rank: w.connector.get_handshake_metadata() for rank, w in enumerate(self.workers)
-                     if hasattr(w.connector, "get_handshake_metadata")}
-        if any(m is not None for m in handshake.values()):
-            self.scheduler.connector.set_xfer_handshake_metadata({r: m for r, m in handshake.items() if m is not None})
+        handshake = {rank: w.connector.get_handshake_metadata() for rank, w in enumerate(self.workers)}
+        handshake = {rank: m for rank, m in handshake.items() if m is not None}
+        if handshake:
+            self.scheduler.connector.set_xfer_handshake_metadata(handshake)
         self.aggregator = KVOutputAggregator(self.tp)
         self.requests: dict[str, Request] = {}
         self.live: set[str] = set()
